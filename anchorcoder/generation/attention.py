@@ -1,0 +1,87 @@
+"""Attention that honours what a :class:`KVCache` holds and what its method lets a query see.
+
+transformers calls the attention function registered under ``config._attn_implementation`` with
+our extra keyword ``kv_cache``. We register one function, ``"anchorcoder"``, which builds the mask of
+the layer from the cache (absolute positions, padding, the method's visibility rule) and hands it to
+the selected kernel (``sdpa`` or ``eager``). The engine switches a model to it only while it runs
+(:func:`engine_attention`), so outside the engine the model is a plain transformers model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION_NAME = "anchorcoder"
+KERNEL_ATTR = "anchorcoder_kernel"  # config attribute naming the kernel our wrapper calls
+KERNELS = ("sdpa", "eager")
+
+
+def repeat_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention; ``attention_mask`` is boolean (True = visible) or None (= all)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _kernel(module):
+    return eager_attention if getattr(module.config, KERNEL_ATTR, "sdpa") == "eager" else sdpa_attention_forward
+
+
+def cached_attention(module, query, key, value, attention_mask, kv_cache=None, kv_method=None, **kwargs):
+    kernel = _kernel(module)
+    if kv_cache is None:  # a plain forward: behave like the kernel itself
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+    layer = module.layer_idx
+    q_len, kv_len = query.shape[2], key.shape[2]
+    extra = kv_method.visibility(kv_cache, layer) if kv_method is not None else None
+    plain_causal = not kv_cache.has_padding and extra is None and (q_len == 1 or q_len == kv_len)
+    if plain_causal and (kernel is sdpa_attention_forward or q_len == 1):
+        mask = None  # sdpa: is_causal when q_len > 1; one query sees every cached entry
+    else:
+        mask = kv_cache.base_mask(layer)
+        if extra is not None:
+            mask = mask & extra
+        if mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head
+            mask = repeat_kv_heads(mask, query.shape[1] // mask.shape[1])
+    return kernel(module, query, key, value, mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, cached_attention)
+
+
+@contextmanager
+def engine_attention(model):
+    """Route the model's attention through :func:`cached_attention` for the duration."""
+    previous = model.config._attn_implementation
+    if previous == ATTENTION_NAME:
+        yield
+        return
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def set_kernel(model, kernel: str) -> None:
+    """Select the attention kernel for plain forwards and for the engine's wrapper."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel must be one of {KERNELS}, got '{kernel}'")
+    setattr(model.config, KERNEL_ATTR, kernel)
+    if kernel == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        model.set_attn_implementation("eager")

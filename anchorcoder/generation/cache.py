@@ -1,0 +1,156 @@
+"""The KV cache the engine hands to the model, and through which a method decides what stays.
+
+Per layer it holds keys and values ``[B, H_kv, S_l, D]`` and the absolute position of every entry:
+``positions[l]`` is ``[B, S_l]`` when all KV heads keep the same entries, or ``[B, H_kv, S_l]`` once a
+method keeps different entries per head. Position ``-1`` marks an entry that is not a real token
+(left padding). Layers may hold different lengths; positions are absolute (tokens seen), never the
+stored length, so a method can delete entries anywhere without disturbing RoPE.
+
+Memory is really freed: :meth:`keep` replaces a layer's tensors by new, smaller ones and drops every
+reference to the old ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+PAD_POSITION = -1
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: list[torch.Tensor | None] = [None] * num_layers
+        # Layers that were never pruned share one positions tensor (identity), so per-step work
+        # (appending positions, masks, counting entries) is done once for all of them.
+        self._shared_before: torch.Tensor | None = None
+        self._shared_after: torch.Tensor | None = None
+        self.step_positions: torch.Tensor | None = None  # [B, Q] positions of the tokens being fed
+        self.has_padding = False
+        self.method_state: dict = {}  # per-batch state a method keeps between steps
+        self._memo: dict = {}  # per-step memo (masks), keyed by positions-tensor identity
+
+    # ------------------------------------------------------------------ feeding tokens
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Declare the absolute positions ``[B, Q]`` (``-1`` = padding) of the tokens fed next."""
+        self.step_positions = positions
+        self.has_padding = self.has_padding or bool((positions < 0).any())
+        self._shared_before = self._shared_after
+        self._shared_after = (
+            positions if self._shared_before is None else torch.cat([self._shared_before, positions], -1)
+        )
+        self._memo.clear()
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+        """Called by every attention layer: append this step's K/V, return what attention sees."""
+        old_pos = self.positions[layer_idx]
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        if old_pos is None or old_pos is self._shared_before:
+            self.positions[layer_idx] = self._shared_after
+        else:
+            step = self.step_positions
+            if old_pos.dim() == 3:
+                step = step[:, None, :].expand(-1, old_pos.shape[1], -1)
+            self.positions[layer_idx] = torch.cat([old_pos, step], dim=-1)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    # ------------------------------------------------------------------ pruning
+    def keep(self, layer_idx: int, index: torch.Tensor) -> None:
+        """Keep only the entries at ``index`` (``[B, S']`` for all heads, or ``[B, H_kv, S']``)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        pos = self.positions[layer_idx]
+        if index.dim() == 2:
+            gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+            new_pos = torch.gather(pos, -1, index) if pos.dim() == 2 else torch.gather(
+                pos, -1, index[:, None, :].expand(-1, pos.shape[1], -1)
+            )
+        else:
+            gather = index[..., None].expand(-1, -1, -1, keys.shape[-1])
+            if pos.dim() == 2:
+                pos = pos[:, None, :].expand(-1, keys.shape[1], -1)
+            new_pos = torch.gather(pos, -1, index)
+        self.keys[layer_idx] = torch.gather(keys, 2, gather).contiguous()
+        self.values[layer_idx] = torch.gather(values, 2, gather).contiguous()
+        self.positions[layer_idx] = new_pos.contiguous()  # no longer shared
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (drop finished sequences, or repeat a prefilled prompt)."""
+        remap: dict[int, torch.Tensor] = {}
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in remap:
+                remap[id(t)] = t.index_select(0, rows)
+            return remap[id(t)]
+
+        for layer in range(self.num_layers):
+            self.keys[layer] = pick(self.keys[layer])
+            self.values[layer] = pick(self.values[layer])
+            self.positions[layer] = pick(self.positions[layer])
+        self._shared_after = pick(self._shared_after)
+        self._shared_before = pick(self._shared_before)
+        self.step_positions = pick(self.step_positions)
+        for key, state in list(self.method_state.items()):
+            if isinstance(state, torch.Tensor):
+                self.method_state[key] = state.index_select(0, rows)
+        self._memo.clear()
+
+    # ------------------------------------------------------------------ measuring
+    def entries_per_row(self) -> torch.Tensor:
+        """Real K/V entries held per row: sum over layers and KV heads of non-padding positions."""
+        uses = Counter(id(p) for p in self.positions if p is not None)
+        by_id = {id(p): p for p in self.positions if p is not None}
+        total = None
+        for key, n_layers in uses.items():
+            pos = by_id[key]
+            valid = (pos >= 0).sum(dim=tuple(range(1, pos.dim())))
+            if pos.dim() == 2:
+                valid = valid * self.num_kv_heads
+            total = valid * n_layers if total is None else total + valid * n_layers
+        return total
+
+    def bytes_per_entry(self) -> int:
+        """Bytes of one K/V entry pair (one token, one layer, one KV head)."""
+        first = next(k for k in self.keys if k is not None)
+        return 2 * self.head_dim * first.element_size()
+
+    def tensor_bytes(self) -> int:
+        """Bytes of the K/V tensors actually allocated (padding included)."""
+        return sum(t.nbytes for t in self.keys + self.values if t is not None)
+
+    def layer_length(self, layer_idx: int) -> int:
+        keys = self.keys[layer_idx]
+        return 0 if keys is None else keys.shape[-2]
+
+    # ------------------------------------------------------------------ visibility
+    def base_mask(self, layer_idx: int) -> torch.Tensor:
+        """Boolean ``[B, 1|H_kv, Q, S]`` mask: causal by absolute position, padding hidden.
+
+        Padding queries see only padding keys, so no row is empty (an empty row gives NaN in SDPA).
+        """
+        kpos = self.positions[layer_idx]
+        memo_key = ("base", id(kpos))
+        if memo_key not in self._memo:
+            qpos = self.step_positions
+            if kpos.dim() == 3:
+                qpos = qpos[:, None, :]
+            else:
+                kpos = kpos[:, None, :]
+                qpos = qpos[:, None, :]
+            q, k = qpos[..., :, None], kpos[..., None, :]
+            allowed = (k <= q) & (k >= 0)
+            if self.has_padding:
+                allowed = allowed | ((q < 0) & (k < 0))
+            self._memo[memo_key] = allowed
+        return self._memo[memo_key]

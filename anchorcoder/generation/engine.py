@@ -1,0 +1,307 @@
+"""Our own prefill + decode loop (not ``model.generate``), with the KV cache measured at every step.
+
+Rows of a batch are (prompt, sample) pairs. Each distinct prompt is prefilled once (left-padded) and
+its cache repeated for its samples; finished rows leave the batch at once, so their cache is freed.
+After every forward the method prunes the cache, and the engine records, per row, the K/V entries and
+bytes held (after the forward, before pruning, and after pruning) so that peaks are real.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from anchorcoder.generation.attention import engine_attention
+from anchorcoder.generation.cache import PAD_POSITION, KVCache
+from anchorcoder.methods.base import KVMethod, StepInfo
+from anchorcoder.registry import ConfigError
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n_samples: int = 1  # samples per prompt
+    batch_size: int = 1  # rows (prompt x sample) decoded together
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        self.stop = tuple(self.stop)
+        checks = [
+            (self.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1"),
+            (self.n_samples >= 1, "generation.n_samples must be >= 1"),
+            (self.batch_size >= 1, "generation.batch_size must be >= 1"),
+            (self.temperature >= 0, "generation.temperature must be >= 0"),
+            (0 < self.top_p <= 1, "generation.top_p must be in (0, 1]"),
+            (self.do_sample or self.n_samples == 1,
+             "generation.n_samples > 1 needs generation.do_sample=true (greedy samples are identical)"),
+            (not self.do_sample or self.temperature > 0, "generation.do_sample=true needs temperature > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message} (got {self})")
+
+
+@dataclass
+class KVRecord:
+    """K/V held by one sample; entries = (layer, KV head, token) triples, bytes = K and V together."""
+
+    entries_final: int
+    bytes_final: int
+    entries_peak: int
+    bytes_peak: int
+    dense_entries_final: int
+    dense_bytes_final: int
+    dense_bytes_peak: int
+
+
+@dataclass
+class SampleResult:
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    kv: KVRecord
+    prefill_s: float  # of the batch this sample was in
+    batch_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunStats:
+    prefill_s: list[float] = field(default_factory=list)  # one per batch
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps (the first token comes from prefill)
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+    kv_tensor_bytes_peak: int = 0  # largest K/V allocation of any batch, padding included
+    cuda_prefill_max_allocated: int | None = None
+    cuda_decode_max_allocated: int | None = None
+
+
+def model_kv_shape(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a decoder-only transformers model."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None):
+    """Greedy argmax, or temperature + top-p sampling; ``logits`` is ``[B, V]`` float32."""
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p  # keeps at least the top token
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class GenerationEngine:
+    def __init__(self, model, tokenizer, method: KVMethod, settings: GenerationSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self.num_layers, self.num_kv_heads, self.head_dim = model_kv_shape(model)
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos) if settings.stop_at_eos else set()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        self.stats = RunStats()
+        self._generator = None
+        if settings.do_sample:
+            self._generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        self._stop_window = max((len(s) for s in settings.stop), default=0) + 8  # tokens
+
+    # ------------------------------------------------------------------ public
+    def generate(
+        self,
+        prompts: list[list[int]],
+        on_result: Callable[[SampleResult], None] | None = None,
+        rows: Iterable[tuple[int, int]] | None = None,
+    ) -> list[SampleResult]:
+        """Generate ``n_samples`` continuations of every prompt (token ids, no padding).
+
+        ``rows`` restricts the work to given (prompt index, sample index) pairs (resuming a run).
+        ``on_result`` is called as soon as each sample finishes.
+        """
+        if rows is None:
+            rows = [(p, s) for p in range(len(prompts)) for s in range(self.settings.n_samples)]
+        rows = list(rows)
+        results: list[SampleResult] = []
+        start = time.perf_counter()
+        with engine_attention(self.model), torch.inference_mode():
+            for i in range(0, len(rows), self.settings.batch_size):
+                for result in self._generate_batch(rows[i : i + self.settings.batch_size], prompts):
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+        self.stats.wall_s += time.perf_counter() - start
+        return results
+
+    # ------------------------------------------------------------------ internals
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _cuda_peak_start(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _cuda_peak(self, attr: str):
+        if self.device.type == "cuda":
+            value = torch.cuda.max_memory_allocated(self.device)
+            setattr(self.stats, attr, max(getattr(self.stats, attr) or 0, value))
+
+    def _forward(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor, phase: str):
+        cache.begin_step(positions)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions.clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            kv_cache=cache,
+            kv_method=self.method,
+        )
+        self._observe(cache)  # before pruning: the full step existed in memory
+        self.method.after_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
+        self._observe(cache)
+        return out.logits[:, -1, :].float()
+
+    def _observe(self, cache: KVCache):
+        entries = cache.entries_per_row()
+        self._peak = entries if self._peak is None else torch.maximum(self._peak, entries)
+        self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.tensor_bytes())
+
+    def _left_pad(self, seqs: list[list[int]]):
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        pos = torch.full((len(seqs), width), PAD_POSITION, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            pos[r, width - len(s) :] = torch.arange(len(s))
+        return ids.to(self.device), pos.to(self.device)
+
+    def _hit_stop(self, tokens: list[int]) -> bool:
+        if not self.settings.stop:
+            return False
+        tail = self.tokenizer.decode(tokens[-self._stop_window :], skip_special_tokens=True)
+        return any(s in tail for s in self.settings.stop)
+
+    def _finish_text(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.settings.stop) if i >= 0), default=len(text))
+        return text[:cut]
+
+    def _generate_batch(self, rows: list[tuple[int, int]], prompts: list[list[int]]):
+        settings = self.settings
+        unique = list(dict.fromkeys(p for p, _ in rows))
+        for p in unique:
+            if not prompts[p]:
+                raise ConfigError(f"prompt {p} is empty after tokenisation")
+        cache = KVCache(self.num_layers, self.num_kv_heads, self.head_dim)
+        self._peak = None
+        input_ids, positions = self._left_pad([prompts[p] for p in unique])
+
+        self._cuda_peak_start()
+        self._sync()
+        t0 = time.perf_counter()
+        logits = self._forward(cache, input_ids, positions, "prefill")
+        if len(unique) != len(rows):  # one prefill per prompt, repeated for its samples
+            expand = torch.tensor([unique.index(p) for p, _ in rows], device=self.device)
+            cache.select_rows(expand)
+            logits, self._peak = logits[expand], self._peak[expand]
+        self._sync()
+        prefill_s = time.perf_counter() - t0
+        self._cuda_peak("cuda_prefill_max_allocated")
+        self.stats.prefill_s.append(prefill_s)
+        self.stats.prefill_tokens += sum(len(prompts[p]) for p in unique)
+
+        alive = list(range(len(rows)))  # batch slot -> index into rows
+        n_seen = torch.tensor([len(prompts[p]) for p, _ in rows], device=self.device)
+        generated: list[list[int]] = [[] for _ in rows]
+        done: list[SampleResult] = []
+        bytes_per_entry = cache.bytes_per_entry()
+        dense_per_token = self.num_layers * self.num_kv_heads
+
+        self._cuda_peak_start()
+        t_decode = time.perf_counter()
+        for step in range(settings.max_new_tokens):
+            next_tokens = sample_next(logits, settings, self._generator).tolist()
+            keep_slots = []
+            for slot, row in enumerate(alive):
+                token = next_tokens[slot]
+                reason = None
+                if token in self.eos_ids:
+                    reason = "eos"
+                else:
+                    generated[row].append(token)
+                    if self._hit_stop(generated[row]):
+                        reason = "stop"
+                    elif step + 1 == settings.max_new_tokens:
+                        reason = "length"
+                if reason is None:
+                    keep_slots.append(slot)
+                    continue
+                entries = int(cache.entries_per_row()[slot])
+                peak = int(self._peak[slot])
+                dense_entries = dense_per_token * int(n_seen[slot])
+                prompt_index, sample_index = rows[row]
+                done.append(
+                    SampleResult(
+                        prompt_index=prompt_index,
+                        sample_index=sample_index,
+                        prompt_token_ids=list(prompts[prompt_index]),
+                        token_ids=generated[row],
+                        text=self._finish_text(generated[row]),
+                        finish_reason=reason,
+                        kv=KVRecord(
+                            entries_final=entries,
+                            bytes_final=entries * bytes_per_entry,
+                            entries_peak=peak,
+                            bytes_peak=peak * bytes_per_entry,
+                            dense_entries_final=dense_entries,
+                            dense_bytes_final=dense_entries * bytes_per_entry,
+                            dense_bytes_peak=dense_entries * bytes_per_entry,
+                        ),
+                        prefill_s=prefill_s,
+                        batch_size=len(rows),
+                    )
+                )
+            self.stats.generated_tokens += sum(1 for s in range(len(alive)) if next_tokens[s] not in self.eos_ids)
+            if not keep_slots:
+                break
+            if len(keep_slots) != len(alive):  # finished rows leave the batch; their cache is freed
+                index = torch.tensor(keep_slots, device=self.device)
+                cache.select_rows(index)
+                self._peak, n_seen = self._peak[index], n_seen[index]
+                alive = [alive[s] for s in keep_slots]
+            feed = torch.tensor([[generated[row][-1]] for row in alive], device=self.device)
+            logits = self._forward(cache, feed, n_seen[:, None], "decode")
+            n_seen = n_seen + 1
+            self.stats.decode_tokens += len(alive)
+        self._sync()
+        self.stats.decode_s += time.perf_counter() - t_decode
+        self._cuda_peak("cuda_decode_max_allocated")
+        done.sort(key=lambda r: rows.index((r.prompt_index, r.sample_index)))
+        return done

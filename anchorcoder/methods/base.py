@@ -1,0 +1,55 @@
+"""The method contract: every KV-compression method is one registered dataclass.
+
+Inference face (used by the generation engine), each an override point with a no-op default:
+
+- :meth:`prepare`   once per model: add tokens, scan the vocabulary, check the architecture;
+- :meth:`visibility` per layer and step: which cached entries the current queries may see, as a
+  boolean mask combined (AND) with causality and padding, or None for "all of them";
+- :meth:`after_step` after every prefill / decode forward: what stays in the cache
+  (:meth:`KVCache.keep` really frees the rest).
+
+Positions are absolute (tokens seen), whatever a layer's stored length. The training face (token
+insertion, labels, the training mask) joins this contract with the first trained method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from anchorcoder.generation.cache import KVCache
+from anchorcoder.registry import METHODS
+
+
+@dataclass
+class StepInfo:
+    """What was just fed to the model."""
+
+    input_ids: torch.Tensor  # [B, Q]
+    positions: torch.Tensor  # [B, Q], -1 = padding
+    phase: str  # "prefill" | "decode"
+
+
+@dataclass
+class KVMethod:
+    name: ClassVar[str] = "base"
+    trained: ClassVar[bool] = False  # whether the method needs fine-tuning to keep quality
+
+    def prepare(self, model, tokenizer) -> None:
+        """Adapt model and tokenizer once (e.g. add an anchor token)."""
+
+    def visibility(self, cache: KVCache, layer_idx: int) -> torch.Tensor | None:
+        """Extra boolean mask ``[B, 1|H_kv, Q, S_l]`` for this layer's attention, or None."""
+        return None
+
+    def after_step(self, cache: KVCache, step: StepInfo) -> None:
+        """Prune the cache after a forward pass."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+def build_method(cfg: dict) -> KVMethod:
+    return METHODS.build(cfg)
