@@ -6,8 +6,9 @@ valid ones, before any model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -33,9 +34,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ConfigError(
-                f"Unknown {self.kind} '{name}' ({self.config_key}). Valid: {', '.join(self.names())}"
-            )
+            raise ConfigError(f"Unknown {self.kind} '{name}' ({self.config_key}). Valid: {', '.join(self.names())}")
         return self._entries[name]
 
     def build(self, cfg: dict):

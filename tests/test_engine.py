@@ -10,8 +10,9 @@ from anchorcoder.methods import build_method
 
 
 def engine_for(loaded, **settings) -> GenerationEngine:
-    return GenerationEngine(loaded.model, loaded.tokenizer, build_method({"name": "dense"}),
-                            GenerationSettings(**settings))
+    return GenerationEngine(
+        loaded.model, loaded.tokenizer, build_method({"name": "dense"}), GenerationSettings(**settings)
+    )
 
 
 def reference_greedy(loaded, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -21,10 +22,15 @@ def reference_greedy(loaded, prompts: list[list[int]], max_new_tokens: int) -> l
     ids = torch.full((len(prompts), width), tok.pad_token_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=tok.pad_token_id)
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+    )
     eos = model.generation_config.eos_token_id
     cut = []
     for row in out[:, width:].tolist():

@@ -56,8 +56,10 @@ def validate(cfg: dict) -> EvalParts:
     known = {f.name for f in fields(GenerationSettings)} - {"stop", "seed"}
     unknown = sorted(set(cfg["generation"]) - known)
     if unknown:
-        raise ConfigError(f"unknown generation option(s) {', '.join('generation.' + k for k in unknown)}; "
-                          f"valid: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown generation option(s) {', '.join('generation.' + k for k in unknown)}; "
+            f"valid: {', '.join(sorted(known))}"
+        )
     settings = GenerationSettings(**cfg["generation"], seed=int(cfg.get("seed", 0)))
     return EvalParts(method, benchmark, tracker, settings)
 
@@ -75,9 +77,12 @@ def run_info(cfg: dict, model_info: dict) -> dict:
     import transformers
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     from anchorcoder import __version__
@@ -142,8 +147,18 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         parts.tracker.log_table(
             "generations",
             ["task_id", "sample", "completion", "finish", "new_tokens", "kv_bytes_final", "kv_bytes_peak"],
-            [[r["task_id"], r["sample_index"], r["completion"], r["finish_reason"], len(r["token_ids"]),
-              r["kv"]["bytes_final"], r["kv"]["bytes_peak"]] for r in records],
+            [
+                [
+                    r["task_id"],
+                    r["sample_index"],
+                    r["completion"],
+                    r["finish_reason"],
+                    len(r["token_ids"]),
+                    r["kv"]["bytes_final"],
+                    r["kv"]["bytes_peak"],
+                ]
+                for r in records
+            ],
         )
         failed = False
         return metrics
@@ -174,4 +189,3 @@ def _generate_with_progress(engine, problems, prompt_ids, benchmark, style, path
 
         engine.generate(prompt_ids, on_result=on_result)
     return records
-

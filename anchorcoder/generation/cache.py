@@ -33,6 +33,7 @@ class KVCache:
         self._shared_after: torch.Tensor | None = None
         self.step_positions: torch.Tensor | None = None  # [B, Q] positions of the tokens being fed
         self.has_padding = False
+        self.prunes = 0  # number of keep() calls so far: lets the engine skip re-measuring an unchanged cache
         self.method_state: dict = {}  # per-batch state a method keeps between steps
         self._memo: dict = {}  # per-step memo (masks), keyed by positions-tensor identity
 
@@ -71,8 +72,10 @@ class KVCache:
         pos = self.positions[layer_idx]
         if index.dim() == 2:
             gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-            new_pos = torch.gather(pos, -1, index) if pos.dim() == 2 else torch.gather(
-                pos, -1, index[:, None, :].expand(-1, pos.shape[1], -1)
+            new_pos = (
+                torch.gather(pos, -1, index)
+                if pos.dim() == 2
+                else torch.gather(pos, -1, index[:, None, :].expand(-1, pos.shape[1], -1))
             )
         else:
             gather = index[..., None].expand(-1, -1, -1, keys.shape[-1])
@@ -82,6 +85,7 @@ class KVCache:
         self.keys[layer_idx] = torch.gather(keys, 2, gather).contiguous()
         self.values[layer_idx] = torch.gather(values, 2, gather).contiguous()
         self.positions[layer_idx] = new_pos.contiguous()  # no longer shared
+        self.prunes += 1
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` (drop finished sequences, or repeat a prefilled prompt)."""

@@ -9,8 +9,8 @@ bytes held (after the forward, before pruning, and after pruning) so that peaks 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -40,8 +40,10 @@ class GenerationSettings:
             (self.batch_size >= 1, "generation.batch_size must be >= 1"),
             (self.temperature >= 0, "generation.temperature must be >= 0"),
             (0 < self.top_p <= 1, "generation.top_p must be in (0, 1]"),
-            (self.do_sample or self.n_samples == 1,
-             "generation.n_samples > 1 needs generation.do_sample=true (greedy samples are identical)"),
+            (
+                self.do_sample or self.n_samples == 1,
+                "generation.n_samples > 1 needs generation.do_sample=true (greedy samples are identical)",
+            ),
             (not self.do_sample or self.temperature > 0, "generation.do_sample=true needs temperature > 0"),
         ]
         for ok, message in checks:
@@ -184,8 +186,10 @@ class GenerationEngine:
             kv_method=self.method,
         )
         self._observe(cache)  # before pruning: the full step existed in memory
+        prunes = cache.prunes
         self.method.after_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
-        self._observe(cache)
+        if cache.prunes != prunes:
+            self._observe(cache)
         return out.logits[:, -1, :].float()
 
     def _observe(self, cache: KVCache):

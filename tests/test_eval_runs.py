@@ -1,0 +1,165 @@
+"""Configs compose and validate; eval runs write their files; bad input is refused before loading."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, ROOT, compose_config
+
+from anchorcoder.evaluation import run_eval, validate
+from anchorcoder.registry import ConfigError
+
+TINY_RUN = ["model=tiny-llama", "logger=none", "benchmark.limit=2", "generation.max_new_tokens=8"]
+METRIC_KEYS = [
+    "kv/bytes_final_mean",
+    "kv/bytes_peak_max",
+    "kv/dense_bytes_final_mean",
+    "kv/reduction_final",
+    "kv/reduction_peak",
+    "speed/prefill_s_mean",
+    "speed/decode_tokens_per_s",
+    "speed/wall_s",
+    "n_samples",
+]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_config_validates(model):
+    validate(compose_config(overrides=[f"model={model}"]))
+
+
+@pytest.mark.parametrize("group", ["method", "benchmark", "logger", "generation"])
+def test_every_group_option_validates(group):
+    for option in options(group):
+        validate(compose_config(overrides=[f"{group}={option}"]))
+
+
+def test_bad_values_name_their_key():
+    with pytest.raises(ConfigError, match=r"benchmark.limit"):
+        validate(compose_config(overrides=["benchmark.limit=0"]))
+    with pytest.raises(ConfigError, match=r"Unknown method 'nope'.*Valid: dense"):
+        validate(compose_config(overrides=["method.name=nope"]))
+    with pytest.raises(ConfigError, match=r"method.window"):
+        validate(compose_config(overrides=["+method.window=3"]))
+    with pytest.raises(ConfigError, match=r"model.prompt_style"):
+        validate(compose_config(overrides=["model.prompt_style=poetry"]))
+
+
+def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def run_folders(tmp_path: Path) -> list[str]:
+    return [p for p in glob.glob(str(tmp_path / "outputs" / "**" / "*"), recursive=True) if os.path.isfile(p)]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method=nope", r"Available options in 'method'"),
+        ("model=nope", r"Available options in 'model'"),
+        ("benchmark=nope", r"Available options in 'benchmark'"),
+        ("benchmark.limit=-1", r"benchmark.limit must be a positive integer"),
+        ("model=codellama-7b model.path=/nonexistent/model", r"model.path '/nonexistent/model' is not a model folder"),
+    ],
+)
+def test_bad_input_fails_before_loading_and_leaves_no_run(tmp_path, override, expected):
+    result = run_cli(tmp_path, *override.split(), "logger=none")
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert __import__("re").search(expected, message), message
+    if "Available options" in expected:
+        assert "dense" in message or "smollm2-135m" in message or "humaneval" in message
+    assert "Loading weights" not in message and "Converting" not in message
+    assert run_folders(tmp_path) == []  # nothing that looks like a run, finished or not
+
+
+def test_eval_run_writes_files_and_metrics(tmp_path):
+    metrics = run_eval(compose_config(overrides=TINY_RUN), tmp_path)
+    for key in METRIC_KEYS:
+        assert key in metrics
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [x["task_id"] for x in lines] == ["HumanEval/0", "HumanEval/1"]
+    assert metrics["n_samples"] == 2 and metrics["kv/reduction_final"] == 0.0
+    assert "model:" in (tmp_path / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run_info.json").read_text())["model"]["num_kv_heads"] == 2
+
+
+def test_local_pretrained_folder_loads_like_a_hub_model(tmp_path, tiny):
+    """The hub code path (model.source=pretrained), fed a folder written by save_pretrained."""
+    folder = tmp_path / "tiny-saved"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    local = run_eval(
+        compose_config(overrides=[*TINY_RUN, "model=qwen2.5-coder-1.5b", f"model.path={folder}"]), tmp_path / "local"
+    )
+    random = run_eval(compose_config(overrides=TINY_RUN), tmp_path / "random")
+    texts = [
+        [json.loads(x)["token_ids"] for x in (tmp_path / d / "generations.jsonl").read_text().splitlines()]
+        for d in ("local", "random")
+    ]
+    assert texts[0] == texts[1]  # same weights, same tokens
+    assert local["kv/bytes_final_mean"] == random["kv/bytes_final_mean"]
+
+
+def wandb_records(path: str):
+    """Records of an offline ``.wandb`` file (LevelDB-style log: 32 KiB blocks, 7-byte record headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, pending = Path(path).read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [x for x in TINY_RUN if not x.startswith("logger")] + ["logger=wandb", "logger.mode=offline"]
+    metrics = run_eval(compose_config(overrides=overrides), tmp_path)
+    [run_file] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    summary, config = {}, {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+    for key in METRIC_KEYS:
+        assert summary[key] == pytest.approx(metrics[key])
+    assert config["model"]["name"] == "tiny-llama" and config["method"]["name"] == "dense"
+    assert summary["generations/nrows"] == 2  # the table of generations

@@ -1,0 +1,135 @@
+"""Measured KV bytes, and the cache machinery later methods prune through (positions, keep, masks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from anchorcoder.generation import GenerationEngine, GenerationSettings, KVCache
+from anchorcoder.generation.attention import engine_attention
+from anchorcoder.methods import KVMethod, StepInfo, build_method
+
+
+def dense_formula_bytes(loaded, tokens_held: int) -> int:
+    """2 (K and V) x layers x KV heads x head dim x bytes per element x tokens."""
+    cfg = loaded.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = torch.finfo(loaded.model.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element * tokens_held
+
+
+class TensorBytesProbe(KVMethod):
+    """Test helper: records the real tensor bytes and the entries of the cache after every step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_step(self, cache, step):
+        self.seen.append((cache.tensor_bytes(), int(cache.entries_per_row().sum()), int(step.positions.max()) + 1))
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_dense_bytes_match_formula(which, request, humaneval_prompts):
+    loaded = request.getfixturevalue(which)
+    if which == "tiny":
+        assert loaded.model.config.num_key_value_heads < loaded.model.config.num_attention_heads  # GQA
+    prompt = loaded.tokenizer(humaneval_prompts[2]).input_ids
+    probe = TensorBytesProbe()
+    engine = GenerationEngine(
+        loaded.model, loaded.tokenizer, probe, GenerationSettings(max_new_tokens=12, stop_at_eos=False)
+    )
+    result = engine.generate([prompt])[0]
+    for tensor_bytes, _, tokens in probe.seen:  # every step: bytes of the real tensors == formula
+        assert tensor_bytes == dense_formula_bytes(loaded, tokens)
+    held = len(prompt) + len(result.token_ids) - 1  # the last token is never fed
+    assert result.kv.bytes_final == dense_formula_bytes(loaded, held) == probe.seen[-1][0]
+    assert result.kv.bytes_peak == result.kv.bytes_final == result.kv.dense_bytes_final
+
+
+def test_padding_is_not_counted_as_held(tiny, humaneval_prompts):
+    prompts = [tiny.tokenizer(p).input_ids for p in humaneval_prompts[:3]]
+    engine = GenerationEngine(
+        tiny.model,
+        tiny.tokenizer,
+        build_method({"name": "dense"}),
+        GenerationSettings(max_new_tokens=6, batch_size=3, stop_at_eos=False),
+    )
+    for result, prompt in zip(engine.generate(prompts), prompts, strict=True):
+        assert result.kv.bytes_final == dense_formula_bytes(tiny, len(prompt) + 5)
+    widest = max(len(p) for p in prompts) + 5
+    assert engine.stats.kv_tensor_bytes_peak == 3 * dense_formula_bytes(tiny, widest)
+
+
+@dataclass
+class KeepRecent(KVMethod):
+    """Test method: after every step keep the last ``window`` entries (optionally through per-head indices)."""
+
+    window: int = 6
+    per_head: bool = False
+
+    def after_step(self, cache: KVCache, step: StepInfo) -> None:
+        for layer in range(cache.num_layers):
+            length = cache.layer_length(layer)
+            if length <= self.window:
+                continue
+            index = torch.arange(length - self.window, length).expand(cache.keys[layer].shape[0], -1)
+            if self.per_head:
+                index = index[:, None, :].expand(-1, cache.num_kv_heads, -1)
+            cache.keep(layer, index)
+
+
+def windowed_reference_logits(model, ids: torch.Tensor, prompt_len: int, window: int) -> torch.Tensor:
+    """One masked forward: prompt tokens see the whole causal prefix; later token t sees [t - window, t]."""
+    length = ids.shape[1]
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    allowed = (j <= i) & ((i < prompt_len) | (j >= i - window))
+    return model(input_ids=ids, attention_mask=allowed[None, None]).logits[0]
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_pruned_decoding_equals_masked_forward(tiny, per_head):
+    """The invariant trained methods rely on, checked on a toy eviction rule with real deletion."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (1, 30))
+    prompt_len, window = 10, 6
+    reference = windowed_reference_logits(tiny.model, ids, prompt_len, window)
+    method = KeepRecent(window=window, per_head=per_head)
+    cache = KVCache(2, 2, tiny.model.config.head_dim)
+    logits = []
+    with engine_attention(tiny.model), torch.inference_mode():
+        steps = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, ids.shape[1])]
+        for start, end in steps:
+            positions = torch.arange(start, end)[None]
+            cache.begin_step(positions)
+            out = tiny.model(
+                input_ids=ids[:, start:end],
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                kv_cache=cache,
+                kv_method=method,
+            )
+            logits.append(out.logits[0])
+            method.after_step(cache, StepInfo(ids[:, start:end], positions, "decode"))
+            for layer in range(2):  # memory really freed: the tensors are exactly the window
+                assert cache.keys[layer].shape[2] == min(end, window)
+    ours = torch.cat(logits)
+    assert (ours - reference).abs().max().item() < 1e-4
+    last_position = cache.positions[0][0, 0, -1] if per_head else cache.positions[0][0, -1]
+    assert last_position.item() == ids.shape[1] - 1  # absolute, not the stored length
+
+
+def test_keep_frees_the_old_tensors(tiny):
+    cache = KVCache(1, 2, 4)
+    cache.begin_step(torch.arange(8)[None])
+    cache.update(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), 0)
+    old = cache.keys[0].untyped_storage().data_ptr()
+    cache.keep(0, torch.tensor([[1, 5]]))
+    assert cache.keys[0].shape == (1, 2, 2, 4)
+    assert cache.keys[0].untyped_storage().nbytes() == 2 * 2 * 4 * 4  # a new, small allocation
+    assert cache.keys[0].untyped_storage().data_ptr() != old
+    assert cache.positions[0].tolist() == [[1, 5]]
+    assert cache.tensor_bytes() == 2 * (2 * 2 * 4 * 4)
