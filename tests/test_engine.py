@@ -42,26 +42,18 @@ def encode(loaded, texts):
     return [loaded.tokenizer(t).input_ids for t in texts]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_greedy_matches_generate_tiny(tiny, humaneval_prompts, batch_size):
-    prompts = encode(tiny, humaneval_prompts[:3])
-    ours = engine_for(tiny, max_new_tokens=20, batch_size=batch_size).generate(prompts)
+@pytest.mark.parametrize(("which", "batch_size"), [("tiny", 1), ("tiny", 3), ("smollm2", 1), ("smollm2", 4)])
+def test_greedy_matches_generate(which, batch_size, request, humaneval_prompts):
+    """Token for token, batch 1 (each prompt alone) and batched with left padding."""
+    loaded = request.getfixturevalue(which)
+    prompts = encode(loaded, humaneval_prompts[:4])
+    ours = engine_for(loaded, max_new_tokens=24, batch_size=batch_size).generate(prompts)
     if batch_size == 1:
-        expected = [reference_greedy(tiny, [p], 20)[0] for p in prompts]
+        expected = [reference_greedy(loaded, [p], 24)[0] for p in prompts]
     else:
-        expected = reference_greedy(tiny, prompts, 20)
+        expected = reference_greedy(loaded, prompts, 24)
     assert [r.token_ids for r in ours] == expected
-
-
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_greedy_matches_generate_smollm2(smollm2, humaneval_prompts, batch_size):
-    prompts = encode(smollm2, humaneval_prompts[:4])
-    ours = engine_for(smollm2, max_new_tokens=24, batch_size=batch_size).generate(prompts)
-    if batch_size == 1:
-        expected = [reference_greedy(smollm2, [p], 24)[0] for p in prompts]
-    else:
-        expected = reference_greedy(smollm2, prompts, 24)
-    assert [r.token_ids for r in ours] == expected
+    assert all(len(r.token_ids) > 0 for r in ours)
 
 
 def test_sampling_is_seeded_and_gives_n_samples(tiny, humaneval_prompts):
