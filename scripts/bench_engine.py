@@ -120,7 +120,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"engine_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print_table("engine vs model.generate (greedy, same prompts, same run)", results)
+    print_table("engine vs model.generate", results, caption="greedy, same prompts, same run")
     print(f"written to {path}")
 
 

@@ -11,7 +11,6 @@ Run folder (Hydra's output dir) after a run:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import shutil
@@ -31,8 +30,6 @@ from anchorcoder.models import check_model_config, load_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.reporting import kv_and_speed_metrics, print_table
 from anchorcoder.tracking import Tracker, build_tracker
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,8 +138,7 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         metrics = kv_and_speed_metrics(records, engine.stats)
         metrics["run/wall_s"] = time.perf_counter() - started  # model load included
         write_json(out / "metrics.json", metrics)
-        print_table(f"{run_name}: {len(problems)} problems x {parts.settings.n_samples} samples", metrics)
-        log.info("Results in %s", out)
+        print_table(run_name, metrics, caption=f"{len(problems)} problems x {parts.settings.n_samples} samples; {out}")
         parts.tracker.log_metrics(metrics)
         parts.tracker.log_table(
             "generations",

@@ -47,11 +47,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_table(title: str, metrics: dict, console=None) -> None:
+def print_table(title: str, metrics: dict, caption: str | None = None, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
