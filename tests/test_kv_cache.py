@@ -81,7 +81,7 @@ class KeepRecent(KVMethod):
 
 
 def windowed_reference_logits(model, ids: torch.Tensor, prompt_len: int, window: int) -> torch.Tensor:
-    """One masked forward: prompt tokens see the whole causal prefix; later token t sees [t - window, t]."""
+    """One masked forward (SDPA, boolean mask): prompt tokens see the causal prefix; later token t sees [t - window, t]."""
     length = ids.shape[1]
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
@@ -133,3 +133,66 @@ def test_keep_frees_the_old_tensors(tiny):
     assert cache.keys[0].untyped_storage().data_ptr() != old
     assert cache.positions[0].tolist() == [[1, 5]]
     assert cache.tensor_bytes() == 2 * (2 * 2 * 4 * 4)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_padded_batch_per_head_eviction_matches_each_row_alone(tiny, kernel):
+    """Left padding + per-KV-head pruning + both kernels: every row equals its own masked forward."""
+    from anchorcoder.generation.attention import set_kernel
+
+    torch.manual_seed(1)
+    lengths, total_new, window = [10, 7], 8, 6
+    rows = [torch.randint(5, 1000, (n + total_new,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros((2, width), dtype=torch.long)
+    pos = torch.full((2, width), -1)
+    for r, n in enumerate(lengths):
+        ids[r, width - n :] = rows[r][:n]
+        pos[r, width - n :] = torch.arange(n)
+    references = [
+        windowed_reference_logits(tiny.model, rows[r][None], n, window)[n - 1 :] for r, n in enumerate(lengths)
+    ]
+    method = KeepRecent(window=window, per_head=True)
+    cache = KVCache(2, 2, tiny.model.config.head_dim)
+    set_kernel(tiny.model, kernel)
+    try:
+        with engine_attention(tiny.model), torch.inference_mode():
+            step_logits = []
+            feed, positions = ids, pos
+            for t in range(total_new + 1):
+                cache.begin_step(positions)
+                out = tiny.model(
+                    input_ids=feed,
+                    position_ids=positions.clamp(min=0),
+                    past_key_values=cache,
+                    use_cache=True,
+                    kv_cache=cache,
+                    kv_method=method,
+                )
+                step_logits.append(out.logits[:, -1])
+                method.after_step(cache, StepInfo(feed, positions, "decode"))
+                if t == total_new:
+                    break
+                feed = torch.stack([rows[r][lengths[r] + t] for r in range(2)])[:, None]
+                positions = torch.tensor([[lengths[r] + t] for r in range(2)])
+        ours = torch.stack(step_logits, dim=1)  # [2, steps, V]
+        for r in range(2):
+            assert (ours[r] - references[r]).abs().max().item() < 1e-4
+    finally:
+        set_kernel(tiny.model, "sdpa")
+
+
+def test_continuation_keeps_the_leading_space_of_sentencepiece_decoders():
+    """Llama-style decoders strip one leading space from a string; a completion must not lose it."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁▁▁": 1, "▁return": 2, "▁x": 3, "def": 4, ":": 5, "<0x0A>": 6}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    assert tokenizer.decode([1, 2, 3]) == "   return x"  # decoding the new tokens alone: one space short
+    engine = SimpleNamespace(tokenizer=tokenizer)
+    assert GenerationEngine._decode_continuation(engine, [4, 5], [1, 2, 3]) == "    return x"  # 3 + 1 spaces

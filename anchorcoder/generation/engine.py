@@ -19,6 +19,8 @@ from anchorcoder.generation.cache import PAD_POSITION, KVCache
 from anchorcoder.methods.base import KVMethod, StepInfo
 from anchorcoder.registry import ConfigError
 
+CONTEXT_TOKENS = 8  # tokens of preceding context used when decoding a continuation
+
 
 @dataclass
 class GenerationSettings:
@@ -206,14 +208,30 @@ class GenerationEngine:
             pos[r, width - len(s) :] = torch.arange(len(s))
         return ids.to(self.device), pos.to(self.device)
 
-    def _hit_stop(self, tokens: list[int]) -> bool:
+    def _decode_continuation(self, context: list[int], tokens: list[int]) -> str:
+        """Text of ``tokens`` as it reads after ``context``, special tokens kept.
+
+        Decoding the new tokens alone loses a leading space with SentencePiece-style decoders
+        (Llama / CodeLlama strip one at the start of a string); a few tokens of context avoid that.
+        Special tokens are kept so stop strings such as ``<|`` see them.
+        """
+        context = context[-CONTEXT_TOKENS:]
+        head = self.tokenizer.decode(context, skip_special_tokens=False)
+        full = self.tokenizer.decode(context + tokens, skip_special_tokens=False)
+        if full.startswith(head):
+            return full[len(head) :]
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)  # context merged across the seam
+
+    def _hit_stop(self, prompt: list[int], tokens: list[int]) -> bool:
         if not self.settings.stop:
             return False
-        tail = self.tokenizer.decode(tokens[-self._stop_window :], skip_special_tokens=True)
+        window = tokens[-self._stop_window :]
+        context = prompt if len(window) == len(tokens) else tokens[: -self._stop_window]
+        tail = self._decode_continuation(context, window)
         return any(s in tail for s in self.settings.stop)
 
-    def _finish_text(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def _finish_text(self, prompt: list[int], tokens: list[int]) -> str:
+        text = self._decode_continuation(prompt, tokens)
         cut = min((i for i in (text.find(s) for s in self.settings.stop) if i >= 0), default=len(text))
         return text[:cut]
 
@@ -234,6 +252,7 @@ class GenerationEngine:
         if len(unique) != len(rows):  # one prefill per prompt, repeated for its samples
             expand = torch.tensor([unique.index(p) for p, _ in rows], device=self.device)
             cache.select_rows(expand)
+            self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.tensor_bytes())
             logits, self._peak = logits[expand], self._peak[expand]
         self._sync()
         prefill_s = time.perf_counter() - t0
@@ -260,7 +279,7 @@ class GenerationEngine:
                     reason = "eos"
                 else:
                     generated[row].append(token)
-                    if self._hit_stop(generated[row]):
+                    if self._hit_stop(prompts[rows[row][0]], generated[row]):
                         reason = "stop"
                     elif step + 1 == settings.max_new_tokens:
                         reason = "length"
@@ -277,7 +296,7 @@ class GenerationEngine:
                         sample_index=sample_index,
                         prompt_token_ids=list(prompts[prompt_index]),
                         token_ids=generated[row],
-                        text=self._finish_text(generated[row]),
+                        text=self._finish_text(prompts[prompt_index], generated[row]),
                         finish_reason=reason,
                         kv=KVRecord(
                             entries_final=entries,

@@ -6,6 +6,7 @@ per-sample rows, and is always finished, even when the run fails (so multiruns k
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -47,15 +48,13 @@ class WandbTracker(Tracker):
     def __post_init__(self):
         if self.mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.mode must be offline, online or disabled; got '{self.mode}'")
+        if importlib.util.find_spec("wandb") is None:  # refuse before any run folder is written
+            raise ConfigError("logger=wandb needs the wandb package: `pip install -e .[tracking]`, or use logger=none")
         self._run = None
 
     def start(self, config, run_name, output_dir, job_type):
-        try:
-            import wandb
-        except ImportError as err:
-            raise ConfigError(
-                "logger=wandb needs the wandb package: `pip install -e .[tracking]`, or use logger=none"
-            ) from err
+        import wandb
+
         self._wandb = wandb
         self._run = wandb.init(
             project=self.project,
