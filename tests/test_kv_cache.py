@@ -9,6 +9,7 @@ import torch
 
 from anchorcoder.generation import GenerationEngine, GenerationSettings, KVCache
 from anchorcoder.generation.attention import engine_attention
+from anchorcoder.generation.engine import forward_with_cache
 from anchorcoder.methods import KVMethod, StepInfo, build_method
 
 
@@ -103,15 +104,7 @@ def test_pruned_decoding_equals_masked_forward(tiny, per_head):
         steps = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, ids.shape[1])]
         for start, end in steps:
             positions = torch.arange(start, end)[None]
-            cache.begin_step(positions)
-            out = tiny.model(
-                input_ids=ids[:, start:end],
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                kv_cache=cache,
-                kv_method=method,
-            )
+            out = forward_with_cache(tiny.model, cache, method, ids[:, start:end], positions)
             logits.append(out.logits[0])
             method.after_step(cache, StepInfo(ids[:, start:end], positions, "decode"))
             for layer in range(2):  # memory really freed: the tensors are exactly the window
@@ -160,15 +153,7 @@ def test_padded_batch_per_head_eviction_matches_each_row_alone(tiny, kernel):
             step_logits = []
             feed, positions = ids, pos
             for t in range(total_new + 1):
-                cache.begin_step(positions)
-                out = tiny.model(
-                    input_ids=feed,
-                    position_ids=positions.clamp(min=0),
-                    past_key_values=cache,
-                    use_cache=True,
-                    kv_cache=cache,
-                    kv_method=method,
-                )
+                out = forward_with_cache(tiny.model, cache, method, feed, positions)
                 step_logits.append(out.logits[:, -1])
                 method.after_step(cache, StepInfo(feed, positions, "decode"))
                 if t == total_new:

@@ -116,6 +116,23 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def forward_with_cache(model, cache: KVCache, method: KVMethod, input_ids, positions, logits_to_keep: int = 0):
+    """One forward of ``input_ids`` at absolute ``positions`` (``-1`` = padding) through ``cache``.
+
+    The model's attention must be routed through :func:`engine_attention`.
+    """
+    cache.begin_step(positions)
+    return model(
+        input_ids=input_ids,
+        position_ids=positions.clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        kv_cache=cache,
+        kv_method=method,
+    )
+
+
 class GenerationEngine:
     def __init__(self, model, tokenizer, method: KVMethod, settings: GenerationSettings):
         self.model = model
@@ -177,16 +194,7 @@ class GenerationEngine:
             setattr(self.stats, attr, max(getattr(self.stats, attr) or 0, value))
 
     def _forward(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor, phase: str):
-        cache.begin_step(positions)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions.clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            kv_cache=cache,
-            kv_method=self.method,
-        )
+        out = forward_with_cache(self.model, cache, self.method, input_ids, positions, logits_to_keep=1)
         self._observe(cache)  # before pruning: the full step existed in memory
         prunes = cache.prunes
         self.method.after_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
