@@ -1,7 +1,7 @@
 """Benchmarks; importing this package registers them all."""
 
-from anchorcoder.benchmarks import humaneval  # noqa: F401
-from anchorcoder.benchmarks.base import Benchmark, Problem  # noqa: F401
+from anchorcoder.benchmarks import code_needle, code_ppl, humaneval, mbpp  # noqa: F401
+from anchorcoder.benchmarks.base import Benchmark, ExecutionSettings, Problem, Verdict  # noqa: F401
 from anchorcoder.registry import BENCHMARKS
 
 

@@ -1,16 +1,21 @@
-"""``eval.py``'s job: model + method + benchmark -> generations, KV/speed metrics, a table, files.
+"""``eval.py``'s job: model + method + benchmark -> generations, verdicts, quality/KV/speed metrics, files.
 
 Run folder (Hydra's output dir) after a run:
 
 - ``config.yaml``        the resolved config
-- ``run_info.json``      library versions, model revision, device, seed, git commit
-- ``generations.jsonl``  one line per sample, appended as each finishes
+- ``run_info.json``      library versions, model revision, device, seed, git commit, benchmark, sandbox
+- ``generations.jsonl``  one line per sample, appended as each finishes (the resume log)
+- ``results.jsonl``      one line per sample: completion, passed + reason (or nll), KV figures
 - ``metrics.json``       written last: its presence marks a finished run
+
+Re-running into the same folder (``hydra.run.dir=<folder>``) skips the samples already in
+``generations.jsonl``; the config must match, except for keys that do not change a sample.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -23,13 +28,27 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from anchorcoder.benchmarks import Benchmark, build_benchmark
+from anchorcoder.benchmarks import Benchmark, ExecutionSettings, build_benchmark
+from anchorcoder.evaluation.scoring import check_pass_k, pass_at_k
 from anchorcoder.generation.engine import GenerationEngine, GenerationSettings
 from anchorcoder.methods import KVMethod, build_method
 from anchorcoder.models import check_model_config, load_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.reporting import kv_and_speed_metrics, print_table
 from anchorcoder.tracking import Tracker, build_tracker
+
+# Keys that may differ when resuming into a run folder: they do not change any sample.
+RESUME_IGNORES = (
+    "logger",
+    "paths",
+    "task_name",
+    "run_name",
+    "device",
+    "execution",
+    "generation.batch_size",
+    "generation.pass_k",
+    "benchmark.limit",
+)
 
 
 @dataclass
@@ -38,6 +57,8 @@ class EvalParts:
     benchmark: Benchmark
     tracker: Tracker
     settings: GenerationSettings
+    pass_k: list[int]
+    execution: ExecutionSettings
 
 
 def validate(cfg: dict) -> EvalParts:
@@ -50,15 +71,24 @@ def validate(cfg: dict) -> EvalParts:
     method = build_method(cfg["method"])
     benchmark = build_benchmark(cfg["benchmark"])
     tracker = build_tracker(cfg["logger"])
+    generation = dict(cfg["generation"])
+    pass_k = generation.pop("pass_k", [1])
     known = {f.name for f in fields(GenerationSettings)} - {"stop", "seed"}
-    unknown = sorted(set(cfg["generation"]) - known)
+    unknown = sorted(set(generation) - known)
     if unknown:
         raise ConfigError(
             f"unknown generation option(s) {', '.join('generation.' + k for k in unknown)}; "
-            f"valid: {', '.join(sorted(known))}"
+            f"valid: {', '.join(sorted(known | {'pass_k'}))}"
         )
-    settings = GenerationSettings(**cfg["generation"], seed=int(cfg.get("seed", 0)))
-    return EvalParts(method, benchmark, tracker, settings)
+    settings = GenerationSettings(**generation, seed=int(cfg.get("seed", 0)))
+    pass_k = check_pass_k(list(pass_k), settings.n_samples)
+    execution = cfg.get("execution") or {}
+    known = {f.name for f in fields(ExecutionSettings)}
+    if set(execution) - known:
+        raise ConfigError(
+            f"unknown execution option(s) {sorted(set(execution) - known)}; valid: {', '.join(sorted(known))}"
+        )
+    return EvalParts(method, benchmark, tracker, settings, pass_k, ExecutionSettings(**execution))
 
 
 def discard_unfinished_run_dir(output_dir: Path) -> None:
@@ -103,6 +133,47 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _flatten(cfg: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def finished_samples(out: Path, config: dict) -> dict[tuple[str, int], dict]:
+    """Samples a previous run left in ``out``, by (task_id, sample index); {} for a new folder.
+
+    Refuses a folder whose config differs in anything that changes a sample. A line torn by an
+    interrupt is dropped (and the file rewritten without it).
+    """
+    log, saved_config = out / "generations.jsonl", out / "config.yaml"
+    if not log.exists():
+        return {}
+    if saved_config.exists():
+        before = _flatten(OmegaConf.to_container(OmegaConf.load(saved_config), resolve=False))
+        now = _flatten(config)
+        ignored = lambda k: any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES)  # noqa: E731
+        differ = sorted(k for k in set(before) | set(now) if not ignored(k) and before.get(k) != now.get(k))
+        if differ:
+            raise ConfigError(
+                f"{out} holds samples of a different config (differs at {', '.join(differ[:5])}); "
+                "resume with the same config, or pick a new run folder"
+            )
+    records, good_lines = {}, []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by an interrupt
+        records[(record["task_id"], record["sample_index"])] = record
+        good_lines.append(line)
+    log.write_text("".join(x + "\n" for x in good_lines))
+    return records
+
+
 def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     """Evaluate; returns the metrics dict (also written to ``metrics.json``)."""
     started = time.perf_counter()
@@ -110,11 +181,13 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     out = Path(output_dir)
     try:
         parts = validate(container)
+        previous = finished_samples(out, container)
     except ConfigError:
         discard_unfinished_run_dir(out)
         raise
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    (out / "metrics.json").unlink(missing_ok=True)
     torch.manual_seed(parts.settings.seed)
 
     model_cfg, method, benchmark = container["model"], parts.method, parts.benchmark
@@ -124,50 +197,134 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     try:
         loaded = load_model(model_cfg, container.get("device", "auto"))
         model, tokenizer = loaded.model, loaded.tokenizer
-        write_json(out / "run_info.json", run_info(container, loaded.info))
+        info = run_info(container, loaded.info)
+        info["benchmark"] = benchmark.describe()
+        write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
 
-        style = model_cfg["prompt_style"]
-        problems = benchmark.problems()
+        style = benchmark.prompt_style or model_cfg["prompt_style"]
+        problems = benchmark.problems(tokenizer)
         prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]
         prompt_ids = [tokenizer(text, add_special_tokens=(style == "completion")).input_ids for text in prompts]
+        targets = None
+        if benchmark.kind == "perplexity":
+            targets = [tokenizer(p.data["target"], add_special_tokens=False).input_ids for p in problems]
         parts.settings.stop = benchmark.stop_strings(style)
         engine = GenerationEngine(model, tokenizer, method, parts.settings)
 
-        records = _generate_with_progress(engine, problems, prompt_ids, benchmark, style, out / "generations.jsonl")
-        metrics = kv_and_speed_metrics(records, engine.stats)
+        records, resumed = _generate_with_progress(
+            engine, problems, prompt_ids, targets, benchmark, style, out / "generations.jsonl", previous
+        )
+        if benchmark.kind == "perplexity":
+            results = [_perplexity_result(r, problems) for r in records]
+            metrics = perplexity_metrics(results)
+        else:
+            results = _check_with_progress(benchmark, problems, records, style, parts.execution)
+            if hasattr(benchmark, "program"):  # judged in the sandbox: record which isolation layers held
+                from anchorcoder.execution import sandbox_layers
+
+                write_json(out / "run_info.json", {**info, "sandbox": sandbox_layers()})
+            metrics = pass_at_k(results, parts.pass_k)
+        with (out / "results.jsonl.tmp").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+        os.replace(out / "results.jsonl.tmp", out / "results.jsonl")
+
+        metrics.update(kv_and_speed_metrics(records, engine.stats))
+        metrics["run/resumed_samples"] = resumed  # speed/* cover only the samples generated by this invocation
         metrics["run/wall_s"] = time.perf_counter() - started  # model load included
         write_json(out / "metrics.json", metrics)
-        print_table(run_name, metrics, caption=f"{len(problems)} problems x {parts.settings.n_samples} samples; {out}")
+        caption = f"{len(problems)} problems x {parts.settings.n_samples} samples, {style} prompts; {out}"
+        print_table(run_name, metrics, caption=caption)
         parts.tracker.log_metrics(metrics)
+        columns = list(results[0]) if results else []
         parts.tracker.log_table(
-            "generations",
-            ["task_id", "sample", "completion", "finish", "new_tokens", "kv_bytes_final", "kv_bytes_peak"],
-            [
-                [
-                    r["task_id"],
-                    r["sample_index"],
-                    r["completion"],
-                    r["finish_reason"],
-                    len(r["token_ids"]),
-                    r["kv"]["bytes_final"],
-                    r["kv"]["bytes_peak"],
-                ]
-                for r in records
-            ],
+            "samples", columns, [[json.dumps(v) if isinstance(v, dict) else v for v in r.values()] for r in results]
         )
         failed = False
         return metrics
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished samples are saved in {out / 'generations.jsonl'}; "
+            f"re-run with the same overrides and hydra.run.dir={out} to continue",
+            file=sys.stderr,
+        )
+        raise
     finally:
         parts.tracker.finish(failed=failed)
 
 
-def _generate_with_progress(engine, problems, prompt_ids, benchmark, style, path: Path) -> list[dict]:
+def _perplexity_result(record: dict, problems) -> dict:
+    problem = next(p for p in problems if p.task_id == record["task_id"])
+    n = len(record["token_ids"])
+    return {
+        "task_id": record["task_id"],
+        "source": problem.data["source"],
+        "target_tokens": n,
+        "nll": record["nll"],
+        "ppl": math.exp(record["nll"] / n),
+        "kv": record["kv"],
+    }
+
+
+def perplexity_metrics(results: list[dict]) -> dict:
+    """Token-level perplexity over all targets, and per source."""
+    metrics = {}
+    groups = {"": results}
+    for r in results:
+        groups.setdefault(r["source"], []).append(r)
+    for source, rows in groups.items():
+        tokens = sum(r["target_tokens"] for r in rows)
+        nll = sum(r["nll"] for r in rows)
+        suffix = f"/{source}" if source else ""
+        metrics[f"quality/ppl{suffix}"] = math.exp(nll / tokens)
+        if not source:
+            metrics["quality/nll_per_token"] = nll / tokens
+            metrics["quality/target_tokens"] = tokens
+    return metrics
+
+
+def _check_with_progress(benchmark: Benchmark, problems, records, style, execution) -> list[dict]:
     from tqdm.auto import tqdm
 
-    records: list[dict] = []
-    total = len(problems) * engine.settings.n_samples
-    with path.open("a") as sink, tqdm(total=total, desc="generating", unit="sample", mininterval=1.0) as bar:
+    by_id = {p.task_id: p for p in problems}
+    checked = [by_id[r["task_id"]] for r in records]
+    with tqdm(total=len(records), desc="checking", unit="sample", mininterval=1.0) as bar:
+        verdicts = benchmark.check(
+            checked, [r["completion"] for r in records], style, execution, on_result=lambda i, v: bar.update(1)
+        )
+    return [
+        {
+            "task_id": r["task_id"],
+            "sample_index": r["sample_index"],
+            "passed": v.passed,
+            "reason": v.reason,
+            "exec_s": round(v.duration_s, 4),
+            "completion": r["completion"],
+            "finish_reason": r["finish_reason"],
+            "new_tokens": len(r["token_ids"]),
+            "kv": r["kv"],
+        }
+        for r, v in zip(records, verdicts, strict=True)
+    ]
+
+
+def _generate_with_progress(engine, problems, prompt_ids, targets, benchmark, style, path: Path, previous):
+    """Generate (or teacher-force) every sample not already in ``previous``, appending each to ``path``."""
+    from tqdm.auto import tqdm
+
+    n = engine.settings.n_samples
+    wanted = [(p, s) for p in range(len(problems)) for s in range(n)]
+    done = {
+        (problems[p].task_id, s): previous[(problems[p].task_id, s)]
+        for p, s in wanted
+        if (problems[p].task_id, s) in previous
+    }
+    todo = [(p, s) for p, s in wanted if (problems[p].task_id, s) not in done]
+    desc = "teacher forcing" if targets is not None else "generating"
+    with (
+        path.open("a") as sink,
+        tqdm(total=len(wanted), initial=len(done), desc=desc, unit="sample", mininterval=1.0) as bar,
+    ):
 
         def on_result(result):
             problem = problems[result.prompt_index]
@@ -178,10 +335,11 @@ def _generate_with_progress(engine, problems, prompt_ids, benchmark, style, path
             }
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-            records.append(record)
+            done[(problem.task_id, result.sample_index)] = record
             stats = engine.stats
             bar.set_postfix(tok_s=f"{stats.decode_tokens / stats.decode_s:.1f}" if stats.decode_s else "-")
             bar.update(1)
 
-        engine.generate(prompt_ids, on_result=on_result)
-    return records
+        if todo:
+            engine.generate(prompt_ids, on_result=on_result, rows=todo, targets=targets)
+    return [done[(problems[p].task_id, s)] for p, s in wanted], len(wanted) - len(todo)

@@ -48,7 +48,7 @@ class KVCache:
         )
         self._memo.clear()
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Called by every attention layer: append this step's K/V, return what attention sees."""
         old_pos = self.positions[layer_idx]
         if self.keys[layer_idx] is None:

@@ -8,6 +8,8 @@ bytes held (after the forward, before pruning, and after pruning) so that peaks 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -73,10 +75,11 @@ class SampleResult:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length"; "target" when teacher-forced
     kv: KVRecord
     prefill_s: float  # of the batch this sample was in
     batch_size: int
+    nll: float | None = None  # teacher-forced: summed negative log-likelihood of token_ids (nats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +119,16 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@functools.cache
+def _cache_argument(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model) -> str:
+    """The name under which the model's forward takes a cache (``past_key_values`` before transformers 5.24)."""
+    return _cache_argument(type(model))
+
+
 def forward_with_cache(model, cache: KVCache, method: KVMethod, input_ids, positions, logits_to_keep: int = 0):
     """One forward of ``input_ids`` at absolute ``positions`` (``-1`` = padding) through ``cache``.
 
@@ -125,7 +138,7 @@ def forward_with_cache(model, cache: KVCache, method: KVMethod, input_ids, posit
     return model(
         input_ids=input_ids,
         position_ids=positions.clamp(min=0),
-        past_key_values=cache,
+        **{cache_argument(model): cache},
         use_cache=True,
         logits_to_keep=logits_to_keep,
         kv_cache=cache,
@@ -159,12 +172,21 @@ class GenerationEngine:
         prompts: list[list[int]],
         on_result: Callable[[SampleResult], None] | None = None,
         rows: Iterable[tuple[int, int]] | None = None,
+        targets: list[list[int]] | None = None,
     ) -> list[SampleResult]:
         """Generate ``n_samples`` continuations of every prompt (token ids, no padding).
 
         ``rows`` restricts the work to given (prompt index, sample index) pairs (resuming a run).
         ``on_result`` is called as soon as each sample finishes.
+        ``targets`` teacher-forces one continuation per prompt instead of sampling: every target
+        token is fed through the same cache and method as in generation, and its log-likelihood
+        under the logits before it is summed into ``SampleResult.nll``.
         """
+        if targets is not None:
+            if len(targets) != len(prompts) or not all(targets):
+                raise ConfigError("teacher forcing needs one non-empty target per prompt")
+            if self.settings.n_samples != 1:
+                raise ConfigError("teacher forcing scores one continuation per prompt: set generation.n_samples=1")
         if rows is None:
             rows = [(p, s) for p in range(len(prompts)) for s in range(self.settings.n_samples)]
         rows = list(rows)
@@ -172,7 +194,7 @@ class GenerationEngine:
         start = time.perf_counter()
         with engine_attention(self.model), torch.inference_mode():
             for i in range(0, len(rows), self.settings.batch_size):
-                for result in self._generate_batch(rows[i : i + self.settings.batch_size], prompts):
+                for result in self._generate_batch(rows[i : i + self.settings.batch_size], prompts, targets):
                     results.append(result)
                     if on_result is not None:
                         on_result(result)
@@ -243,8 +265,9 @@ class GenerationEngine:
         cut = min((i for i in (text.find(s) for s in self.settings.stop) if i >= 0), default=len(text))
         return text[:cut]
 
-    def _generate_batch(self, rows: list[tuple[int, int]], prompts: list[list[int]]):
+    def _generate_batch(self, rows: list[tuple[int, int]], prompts: list[list[int]], targets=None):
         settings = self.settings
+        steps = settings.max_new_tokens if targets is None else max(len(targets[p]) for p, _ in rows)
         unique = list(dict.fromkeys(p for p, _ in rows))
         for p in unique:
             if not prompts[p]:
@@ -271,19 +294,31 @@ class GenerationEngine:
         alive = list(range(len(rows)))  # batch slot -> index into rows
         n_seen = torch.tensor([len(prompts[p]) for p, _ in rows], device=self.device)
         generated: list[list[int]] = [[] for _ in rows]
+        nll = [0.0] * len(rows)
         done: list[SampleResult] = []
         bytes_per_entry = cache.bytes_per_entry()
         dense_per_token = self.num_layers * self.num_kv_heads
 
         self._cuda_peak_start()
         t_decode = time.perf_counter()
-        for step in range(settings.max_new_tokens):
-            next_tokens = sample_next(logits, settings, self._generator).tolist()
+        for step in range(steps):
+            if targets is None:
+                next_tokens = sample_next(logits, settings, self._generator).tolist()
+            else:
+                next_tokens = [targets[rows[row][0]][step] for row in alive]
+                chosen = torch.tensor(next_tokens, device=self.device)[:, None]
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
+                for slot, row in enumerate(alive):
+                    nll[row] -= logprobs[slot]
             keep_slots = []
             for slot, row in enumerate(alive):
                 token = next_tokens[slot]
                 reason = None
-                if token in self.eos_ids:
+                if targets is not None:
+                    generated[row].append(token)
+                    if len(generated[row]) == len(targets[rows[row][0]]):
+                        reason = "target"
+                elif token in self.eos_ids:
                     reason = "eos"
                 else:
                     generated[row].append(token)
@@ -317,9 +352,12 @@ class GenerationEngine:
                         ),
                         prefill_s=prefill_s,
                         batch_size=len(rows),
+                        nll=None if targets is None else nll[row],
                     )
                 )
-            self.stats.generated_tokens += sum(1 for s in range(len(alive)) if next_tokens[s] not in self.eos_ids)
+            self.stats.generated_tokens += sum(
+                1 for s in range(len(alive)) if targets is not None or next_tokens[s] not in self.eos_ids
+            )
             if not keep_slots:
                 break
             if len(keep_slots) != len(alive):  # finished rows leave the batch; their cache is freed

@@ -1,0 +1,97 @@
+"""MBPP (Austin et al. 2021): the 500-task test split (task ids 11-510), 3-shot prompt from ids 2, 3, 4.
+
+Completion prompts follow the paper's format (as lm-evaluation-harness does)::
+
+    You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:
+
+    {test 1}
+    {test 2}
+    {test 3}
+    [BEGIN]
+    {code}
+    [DONE]
+
+three solved examples, then the task with its ``[BEGIN]``; generation stops at ``[DONE]``.
+A program is ``test_setup_code + completion + the three asserts``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anchorcoder.benchmarks.base import ExecutionBenchmark, Problem, data_file, read_jsonl, verify_sha256
+from anchorcoder.registry import BENCHMARKS, ConfigError
+
+TEST_IDS = range(11, 511)
+FEW_SHOT_IDS = (2, 3, 4)
+
+
+def task_header(row: dict) -> str:
+    tests = "\n".join(row["test_list"])
+    return (
+        f"You are an expert Python programmer, and here is your task: {row['text']} "
+        f"Your code should pass these tests:\n\n{tests}\n"
+    )
+
+
+def clean_code(code: str) -> str:
+    return code.replace("\r\n", "\n").strip("\n")
+
+
+def load_mbpp_rows(path: str | None, sha256: str | None, hub_dataset: str) -> dict[int, dict]:
+    """All 974 MBPP rows by task id: from the local JSONL if configured and present, else the hub."""
+    how = (
+        "Point benchmark.data_file at the MBPP release mbpp.jsonl (google-research/google-research, "
+        "mbpp/mbpp.jsonl), or set it to null to load benchmark.hub_dataset with `datasets`."
+    )
+    local = data_file(path, "benchmark.data_file", how)
+    if local is not None:
+        verify_sha256(local, sha256, "benchmark.sha256")
+        rows = read_jsonl(local)
+    else:
+        try:
+            import datasets
+
+            rows = [dict(r) for split in datasets.load_dataset(hub_dataset, "full").values() for r in split]
+        except Exception as err:  # offline, unknown name ...
+            raise ConfigError(f"could not load MBPP from the hub ({hub_dataset}): {err}. {how}") from err
+    by_id = {int(r["task_id"]): r for r in rows}
+    missing = [i for i in (*FEW_SHOT_IDS, *TEST_IDS) if i not in by_id]
+    if missing:
+        raise ConfigError(f"MBPP data lacks task ids {missing[:5]}...; it must be the full 974-task release")
+    return by_id
+
+
+@BENCHMARKS.register("mbpp")
+@dataclass
+class MBPP(ExecutionBenchmark):
+    name = "mbpp"
+    data_file: str | None = None
+    sha256: str | None = None
+    hub_dataset: str = "google-research-datasets/mbpp"
+
+    def load_problems(self, tokenizer=None) -> list[Problem]:
+        rows = load_mbpp_rows(self.data_file, self.sha256, self.hub_dataset)
+        shots = "".join(
+            f"{task_header(rows[i])}[BEGIN]\n{clean_code(rows[i]['code'])}\n[DONE]\n\n" for i in FEW_SHOT_IDS
+        )
+        return [
+            Problem(task_id=f"MBPP/{i}", prompt=f"{shots}{task_header(rows[i])}[BEGIN]\n", data=rows[i])
+            for i in TEST_IDS
+        ]
+
+    def chat_message(self, problem: Problem) -> str:
+        return f"{task_header(problem.data)}{self.chat_instruction}"
+
+    def program(self, problem: Problem, completion: str, style: str) -> str:
+        row = problem.data
+        setup = row.get("test_setup_code") or ""
+        return f"{setup}\n{completion}\n\n" + "\n".join(row["test_list"]) + "\n"
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "data": str(self.data_file or self.hub_dataset),
+            "split": "test (task ids 11-510)",
+            "prompt": "3-shot [BEGIN]/[DONE], examples 2, 3, 4",
+        }
