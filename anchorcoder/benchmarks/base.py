@@ -100,6 +100,12 @@ class ExecutionSettings:
     max_file_mb: int = 16
     max_processes: int = 0
 
+    def __post_init__(self):
+        for key, low in (("workers", 1), ("memory_mb", 64), ("max_file_mb", 1), ("max_processes", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"execution.{key} must be an integer >= {low}; got {value!r}")
+
 
 @dataclass
 class ExecutionBenchmark(Benchmark):

@@ -34,7 +34,7 @@ def _name(rng: random.Random, parts: int) -> str:
 
 def _constant(rng: random.Random, used: set[str]) -> tuple[str, str, int]:
     while True:
-        name = f"{rng.choice(NOUNS)}_{rng.choice(NOUNS)}_{rng.choice(QUALITIES)}".upper()
+        name = f"{_name(rng, 3)}_{rng.choice(QUALITIES)}".upper()
         if name not in used:
             used.add(name)
             value = rng.randint(10_000, 99_999)
