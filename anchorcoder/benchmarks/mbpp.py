@@ -12,7 +12,8 @@ Completion prompts follow the paper's format (as lm-evaluation-harness does)::
     [DONE]
 
 three solved examples, then the task with its ``[BEGIN]``; generation stops at ``[DONE]``.
-A program is ``test_setup_code + completion + the three asserts``.
+A program is ``completion + test_setup_code + the three asserts`` (the setup code of tasks 367 and
+927 builds trees with the ``Node`` class the solution defines, so it must come after it).
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class MBPP(ExecutionBenchmark):
 
     def program(self, problem: Problem, completion: str, style: str) -> str:
         row = problem.data
-        setup = row.get("test_setup_code") or ""
-        return f"{setup}\n{completion}\n\n" + "\n".join(row["test_list"]) + "\n"
+        setup = (row.get("test_setup_code") or "").replace("\r\n", "\n")
+        return f"{completion}\n\n{setup}\n" + "\n".join(row["test_list"]) + "\n"
 
     def describe(self) -> dict:
         return {
