@@ -64,7 +64,6 @@ def test_mbpp_reference_solutions_pass():
     assert failed == EXPECTED_MBPP_FAILURES
 
 
-@pytest.mark.slow
 def test_humaneval_plus_canonical_solutions_pass():
     plus = benchmark("humaneval_plus")
     problems = plus.problems()
