@@ -189,11 +189,17 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["task_id"] for x in lines] == [f"needle/256/{i}" for i in range(4)]
     assert metrics["run/resumed_samples"] == 2 and metrics["n_samples"] == 4
+    assert (
+        metrics["speed/prefill_s_mean"] > 0
+        and len(json.loads((tmp_path / "engine_stats.json").read_text())["prefill_s"]) == 4
+    )
 
     with pytest.raises(ConfigError, match=r"different config \(differs at benchmark.seed\)"):
         run_eval(compose_config(overrides=[*overrides, "benchmark.seed=7"]), tmp_path)
     calls.clear()
-    assert run_eval(cfg, tmp_path)["run/resumed_samples"] == 4 and calls == []  # finished: nothing to do
+    again = run_eval(cfg, tmp_path)
+    assert again["run/resumed_samples"] == 4 and calls == []  # finished: nothing to do
+    assert again["speed/decode_tokens_per_s"] == metrics["speed/decode_tokens_per_s"]  # timings kept
 
 
 def test_every_benchmark_option_lists_in_the_error():

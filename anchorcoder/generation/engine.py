@@ -191,14 +191,15 @@ class GenerationEngine:
             rows = [(p, s) for p in range(len(prompts)) for s in range(self.settings.n_samples)]
         rows = list(rows)
         results: list[SampleResult] = []
-        start = time.perf_counter()
         with engine_attention(self.model), torch.inference_mode():
             for i in range(0, len(rows), self.settings.batch_size):
-                for result in self._generate_batch(rows[i : i + self.settings.batch_size], prompts, targets):
+                start = time.perf_counter()
+                batch = self._generate_batch(rows[i : i + self.settings.batch_size], prompts, targets)
+                self.stats.wall_s += time.perf_counter() - start  # per batch, so stats stay whole if stopped
+                for result in batch:
                     results.append(result)
                     if on_result is not None:
                         on_result(result)
-        self.stats.wall_s += time.perf_counter() - start
         return results
 
     # ------------------------------------------------------------------ internals

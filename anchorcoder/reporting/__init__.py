@@ -28,11 +28,12 @@ def kv_and_speed_metrics(records: list[dict], stats) -> dict:
         "kv/tensor_bytes_peak": stats.kv_tensor_bytes_peak,
         "gen/prompt_tokens_mean": mean(len(r["prompt_token_ids"]) for r in records),
         "gen/new_tokens_mean": mean(len(r["token_ids"]) for r in records),
-        "speed/prefill_s_mean": mean(stats.prefill_s) if stats.prefill_s else 0.0,
-        "speed/prefill_tokens_per_s": stats.prefill_tokens / sum(stats.prefill_s) if stats.prefill_s else 0.0,
-        "speed/decode_tokens_per_s": stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0,
-        "speed/wall_s": stats.wall_s,
     }
+    if stats.prefill_s:  # absent when every sample came from an earlier invocation without timings
+        metrics["speed/prefill_s_mean"] = mean(stats.prefill_s)
+        metrics["speed/prefill_tokens_per_s"] = stats.prefill_tokens / sum(stats.prefill_s)
+        metrics["speed/decode_tokens_per_s"] = stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0
+        metrics["speed/wall_s"] = stats.wall_s
     if stats.cuda_prefill_max_allocated is not None:
         metrics["cuda/prefill_max_allocated_bytes"] = stats.cuda_prefill_max_allocated
         metrics["cuda/decode_max_allocated_bytes"] = stats.cuda_decode_max_allocated
