@@ -163,8 +163,8 @@ def test_code_needle_run_reports_accuracy(tmp_path):
 
 
 # ---------------------------------------------------------------- resumable runs
-def test_interrupted_run_resumes_without_regenerating(tmp_path, monkeypatch):
-    overrides = [*TINY, "benchmark=code_needle", "benchmark.context_tokens=256", "benchmark.n_problems=4"]
+def test_interrupted_humaneval_run_resumes_without_regenerating(tmp_path, monkeypatch):
+    overrides = [*TINY, "benchmark=humaneval", "benchmark.limit=4"]
     cfg = compose_config(overrides=overrides)
     calls = []
     original = GenerationEngine._generate_batch
@@ -181,21 +181,22 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path, monkeypatch):
     log = tmp_path / "generations.jsonl"
     assert len(log.read_text().splitlines()) == 2 and not (tmp_path / "metrics.json").exists()
     with log.open("a") as f:
-        f.write('{"task_id": "needle/256/2", "sampl')  # a line torn by the interrupt
+        f.write('{"task_id": "HumanEval/2", "sampl')  # a line torn by the interrupt
 
     calls.clear()
     metrics = run_eval(cfg, tmp_path)
     assert [rows for rows in calls] == [[(2, 0)], [(3, 0)]]  # only what was not finished
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [x["task_id"] for x in lines] == [f"needle/256/{i}" for i in range(4)]
+    assert [x["task_id"] for x in lines] == [f"HumanEval/{i}" for i in range(4)]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4 and metrics["quality/problems"] == 4
     assert metrics["run/resumed_samples"] == 2 and metrics["n_samples"] == 4
     assert (
         metrics["speed/prefill_s_mean"] > 0
         and len(json.loads((tmp_path / "engine_stats.json").read_text())["prefill_s"]) == 4
     )
 
-    with pytest.raises(ConfigError, match=r"different config \(differs at benchmark.seed\)"):
-        run_eval(compose_config(overrides=[*overrides, "benchmark.seed=7"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"different config \(differs at generation.max_new_tokens\)"):
+        run_eval(compose_config(overrides=[*overrides, "generation.max_new_tokens=7"]), tmp_path)
     calls.clear()
     again = run_eval(cfg, tmp_path)
     assert again["run/resumed_samples"] == 4 and calls == []  # finished: nothing to do

@@ -162,4 +162,5 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     for key in METRIC_KEYS:
         assert summary[key] == pytest.approx(metrics[key])
     assert config["model"]["name"] == "tiny-llama" and config["method"]["name"] == "dense"
-    assert summary["generations/nrows"] == 2  # the table of generations
+    assert summary["samples/nrows"] == 2  # the table of per-sample results
+    assert summary["quality/pass@1"] == metrics["quality/pass@1"]
