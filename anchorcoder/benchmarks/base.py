@@ -98,10 +98,9 @@ class ExecutionSettings:
     workers: int = 2
     memory_mb: int = 2048
     max_file_mb: int = 16
-    max_processes: int = 0
 
     def __post_init__(self):
-        for key, low in (("workers", 1), ("memory_mb", 64), ("max_file_mb", 1), ("max_processes", 0)):
+        for key, low in (("workers", 1), ("memory_mb", 64), ("max_file_mb", 1)):
             value = getattr(self, key)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"execution.{key} must be an integer >= {low}; got {value!r}")
@@ -123,7 +122,6 @@ class ExecutionBenchmark(Benchmark):
             timeout_s=self.timeout_s,
             memory_mb=execution.memory_mb,
             max_file_mb=execution.max_file_mb,
-            max_processes=execution.max_processes,
         )
         programs = [self.program(p, c, style) for p, c in zip(problems, completions, strict=True)]
         results = run_programs(programs, limits, workers=execution.workers, on_result=on_result)

@@ -40,7 +40,6 @@ MAX_RESULT_BYTES = 65536
 class SandboxLimits:
     timeout_s: float = 3.0  # the program's own run time (interpreter start-up not counted)
     memory_mb: int = 2048  # address space (RLIMIT_AS)
-    max_processes: int = 0  # processes the program may start; 0 = none (enforced with seccomp)
     max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
     max_open_files: int = 64
 
@@ -48,7 +47,6 @@ class SandboxLimits:
         checks = [
             ("benchmark.timeout_s", self.timeout_s, 0.01),
             ("execution.memory_mb", self.memory_mb, 64),
-            ("execution.max_processes", self.max_processes, 0),
             ("execution.max_file_mb", self.max_file_mb, 1),
             ("execution.max_open_files", self.max_open_files, 16),
         ]
