@@ -27,13 +27,19 @@ def score(bench, problems, completions, style="completion"):
     return verdicts, time.perf_counter() - started
 
 
-def test_canonical_humaneval_solutions_all_pass_within_a_minute():
-    he = benchmark("humaneval")
-    problems = he.problems()
-    verdicts, elapsed = score(he, problems, [p.data["canonical_solution"] for p in problems])
+def reference_failures(name: str, solution_key: str) -> tuple[dict[str, str], float, int]:
+    """Score a benchmark's own reference solutions: {task id: reason} of those that fail, seconds, count."""
+    bench = benchmark(name)
+    problems = bench.problems()
+    verdicts, elapsed = score(bench, problems, [p.data[solution_key] for p in problems])
     failed = {p.task_id: v.reason for p, v in zip(problems, verdicts, strict=True) if not v.passed}
-    assert failed == {} and len(verdicts) == 164
-    print(f"164 canonical HumanEval solutions scored in {elapsed:.1f} s")
+    print(f"{len(problems)} {name} reference solutions scored in {elapsed:.1f} s; failing: {failed}")
+    return failed, elapsed, len(problems)
+
+
+def test_canonical_humaneval_solutions_all_pass_within_a_minute():
+    failed, elapsed, count = reference_failures("humaneval", "canonical_solution")
+    assert failed == {} and count == 164
     assert elapsed < 60
 
 
@@ -56,21 +62,13 @@ def test_known_wrong_completions_fail_with_their_reason():
 
 
 def test_mbpp_reference_solutions_pass():
-    mbpp = benchmark("mbpp")
-    problems = mbpp.problems()
-    verdicts, elapsed = score(mbpp, problems, [p.data["code"] for p in problems])
-    failed = {p.task_id: v.reason for p, v in zip(problems, verdicts, strict=True) if not v.passed}
-    print(f"500 MBPP reference solutions scored in {elapsed:.1f} s; failing: {failed}")
-    assert failed == EXPECTED_MBPP_FAILURES
+    failed, _, count = reference_failures("mbpp", "code")
+    assert failed == EXPECTED_MBPP_FAILURES and count == 500
 
 
 def test_humaneval_plus_canonical_solutions_pass():
-    plus = benchmark("humaneval_plus")
-    problems = plus.problems()
-    verdicts, elapsed = score(plus, problems, [p.data["canonical_solution"] for p in problems])
-    failed = {p.task_id: v.reason for p, v in zip(problems, verdicts, strict=True) if not v.passed}
-    print(f"164 canonical HumanEval+ solutions scored in {elapsed:.1f} s")
-    assert failed == {}
+    failed, _, count = reference_failures("humaneval_plus", "canonical_solution")
+    assert failed == {} and count == 164
 
 
 def test_execution_settings_name_their_key():
