@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from anchorcoder.benchmarks import Benchmark, ExecutionSettings, build_benchmark
+from anchorcoder.benchmarks.base import ExecutionBenchmark
 from anchorcoder.evaluation.scoring import check_pass_k, pass_at_k
 from anchorcoder.generation.engine import GenerationEngine, GenerationSettings, RunStats
 from anchorcoder.methods import KVMethod, build_method
@@ -220,11 +221,12 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             engine, problems, prompt_ids, targets, benchmark, style, out, previous
         )
         if benchmark.kind == "perplexity":
-            results = [_perplexity_result(r, problems) for r in records]
+            sources = {p.task_id: p.data["source"] for p in problems}
+            results = [_perplexity_result(r, sources[r["task_id"]]) for r in records]
             metrics = perplexity_metrics(results)
         else:
             results = _check_with_progress(benchmark, problems, records, style, parts.execution)
-            if hasattr(benchmark, "program"):  # judged in the sandbox: record which isolation layers held
+            if isinstance(benchmark, ExecutionBenchmark):  # record which sandbox layers held
                 from anchorcoder.execution import sandbox_layers
 
                 write_json(out / "run_info.json", {**info, "sandbox": sandbox_layers()})
@@ -257,12 +259,11 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         parts.tracker.finish(failed=failed)
 
 
-def _perplexity_result(record: dict, problems) -> dict:
-    problem = next(p for p in problems if p.task_id == record["task_id"])
+def _perplexity_result(record: dict, source: str) -> dict:
     n = len(record["token_ids"])
     return {
         "task_id": record["task_id"],
-        "source": problem.data["source"],
+        "source": source,
         "target_tokens": n,
         "nll": record["nll"],
         "ppl": math.exp(record["nll"] / n),
