@@ -69,13 +69,22 @@ def test_mbpp_is_the_500_task_test_split_with_the_3_shot_prompt():
     assert program.rstrip().endswith(problems[0].data["test_list"][-1])
 
 
-def test_missing_or_wrong_data_files_say_how_to_fix(tmp_path):
+def test_missing_or_wrong_data_files_say_how_to_fix(tmp_path, monkeypatch, caplog):
     with pytest.raises(
         ConfigError, match=r"benchmark.data_file: no file at .*HumanEvalPlus.*benchmark.data_file=<path>"
     ):
         benchmark("humaneval_plus", f"benchmark.data_file={tmp_path}/none.jsonl.gz").problems()
-    with pytest.raises(ConfigError, match=r"benchmark.data_file: no file at.*mbpp.jsonl"):
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module in (datasets.config, huggingface_hub.constants):  # fail at once rather than retry the hub
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    # no local MBPP file: the hub dataset instead, and here (offline) an error naming both
+    with pytest.raises(ConfigError, match=r"benchmark.data_file: no file at .*mbpp.jsonl, and could not load MBPP"):
         benchmark("mbpp", f"benchmark.data_file={tmp_path}/mbpp.jsonl").problems()
+    assert "loading google-research-datasets/mbpp from the hub" in caplog.text
+    with pytest.raises(ConfigError, match=r"benchmark.mbpp_data_file: no file at"):
+        benchmark("code_ppl", f"benchmark.mbpp_data_file={tmp_path}/mbpp.jsonl").problems()
     bad = tmp_path / "mbpp.jsonl"
     bad.write_text('{"task_id": 1}\n')
     with pytest.raises(ConfigError, match=r"sha256 .* expected 0b7004.*benchmark.sha256"):

@@ -74,6 +74,8 @@ def test_humaneval_plus_canonical_solutions_pass():
 def test_execution_settings_name_their_key():
     with pytest.raises(ConfigError, match=r"execution.workers must be an integer >= 1"):
         validate(compose_config(overrides=["execution.workers=0"]))
+    with pytest.raises(ConfigError, match=r"execution.max_processes must be an integer >= 0"):
+        validate(compose_config(overrides=["execution.max_processes=-1"]))
     with pytest.raises(ConfigError, match=r"unknown execution option"):
         validate(compose_config(overrides=["+execution.network=true"]))
 

@@ -93,17 +93,27 @@ class Benchmark:
 
 @dataclass
 class ExecutionSettings:
-    """How programs run in the sandbox: the ``execution`` config block plus the benchmark's timeout."""
+    """How programs run in the sandbox: the ``execution`` config block (the time limit is the benchmark's)."""
 
     workers: int = 2
     memory_mb: int = 2048
     max_file_mb: int = 16
+    max_processes: int = 1
 
     def __post_init__(self):
-        for key, low in (("workers", 1), ("memory_mb", 64), ("max_file_mb", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"execution.{key} must be an integer >= {low}; got {value!r}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise ConfigError(f"execution.workers must be an integer >= 1; got {self.workers!r}")
+        self.limits(timeout_s=1.0)  # the sandbox's own checks, before any model loads
+
+    def limits(self, timeout_s: float):
+        from anchorcoder.execution import SandboxLimits
+
+        return SandboxLimits(
+            timeout_s=timeout_s,
+            memory_mb=self.memory_mb,
+            max_file_mb=self.max_file_mb,
+            max_processes=self.max_processes,
+        )
 
 
 @dataclass
@@ -116,13 +126,9 @@ class ExecutionBenchmark(Benchmark):
         raise NotImplementedError
 
     def check(self, problems, completions, style, execution: ExecutionSettings, on_result: Callable | None = None):
-        from anchorcoder.execution import SandboxLimits, run_programs
+        from anchorcoder.execution import run_programs
 
-        limits = SandboxLimits(
-            timeout_s=self.timeout_s,
-            memory_mb=execution.memory_mb,
-            max_file_mb=execution.max_file_mb,
-        )
+        limits = execution.limits(self.timeout_s)
         programs = [self.program(p, c, style) for p, c in zip(problems, completions, strict=True)]
         results = run_programs(programs, limits, workers=execution.workers, on_result=on_result)
         return [Verdict(r.passed, r.reason, r.duration_s) for r in results]
@@ -131,14 +137,18 @@ class ExecutionBenchmark(Benchmark):
         return {**super().describe(), "timeout_s": self.timeout_s}
 
 
-def data_file(path: str | None, key: str, how_to_get: str) -> Path | None:
-    """Resolve a configured data file (relative paths from the project root); None if unset."""
+def resolve_path(path: str | None) -> Path | None:
+    """A configured path, relative ones taken from the project root; None if unset."""
     if not path:
         return None
     resolved = Path(path).expanduser()
-    if not resolved.is_absolute():
-        resolved = PROJECT_ROOT / resolved
-    if not resolved.is_file():
+    return resolved if resolved.is_absolute() else PROJECT_ROOT / resolved
+
+
+def data_file(path: str | None, key: str, how_to_get: str) -> Path | None:
+    """Resolve a configured data file that must exist; None if unset."""
+    resolved = resolve_path(path)
+    if resolved is not None and not resolved.is_file():
         raise ConfigError(f"{key}: no file at {resolved}. {how_to_get}")
     return resolved
 

@@ -48,7 +48,7 @@ class CodePerplexity(Benchmark):
                 for row in rows
             ]
         if "mbpp" in self.sources:
-            by_id = load_mbpp_rows(self.mbpp_data_file, self.mbpp_sha256, self.hub_dataset)
+            by_id = load_mbpp_rows(self.mbpp_data_file, self.mbpp_sha256, self.hub_dataset, key="mbpp_data_file")
             for i in list(TEST_IDS)[: self.limit]:
                 row = by_id[i]
                 prompt = f'"""\n{row["text"]}\n{row["test_list"][0]}\n"""\n'

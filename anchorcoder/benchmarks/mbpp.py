@@ -18,13 +18,15 @@ A program is ``completion + test_setup_code + the three asserts`` (the setup cod
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from anchorcoder.benchmarks.base import ExecutionBenchmark, Problem, data_file, read_jsonl, verify_sha256
+from anchorcoder.benchmarks.base import ExecutionBenchmark, Problem, read_jsonl, resolve_path, verify_sha256
 from anchorcoder.registry import BENCHMARKS, ConfigError
 
 TEST_IDS = range(11, 511)
 FEW_SHOT_IDS = (2, 3, 4)
+log = logging.getLogger(__name__)
 
 
 def task_header(row: dict) -> str:
@@ -39,23 +41,32 @@ def clean_code(code: str) -> str:
     return code.replace("\r\n", "\n").strip("\n")
 
 
-def load_mbpp_rows(path: str | None, sha256: str | None, hub_dataset: str) -> dict[int, dict]:
-    """All 974 MBPP rows by task id: from the local JSONL if configured and present, else the hub."""
+def load_mbpp_rows(path: str | None, sha256: str | None, hub_dataset: str, key: str = "data_file") -> dict[int, dict]:
+    """All 974 MBPP rows by task id: from the local JSONL when it exists, else from the hub.
+    ``key`` names the config key of ``path`` (its checksum's key is the same with ``sha256``)."""
     how = (
-        "Point benchmark.data_file at the MBPP release mbpp.jsonl (google-research/google-research, "
-        "mbpp/mbpp.jsonl), or set it to null to load benchmark.hub_dataset with `datasets`."
+        f"Point benchmark.{key} at the MBPP release mbpp.jsonl (google-research/google-research, "
+        "mbpp/mbpp.jsonl), or make benchmark.hub_dataset reachable (the hub, or its HF cache)."
     )
-    local = data_file(path, "benchmark.data_file", how)
+    local = resolve_path(path)
+    if local is not None and local.is_file():
+        verify_sha256(local, sha256, f"benchmark.{key.replace('data_file', 'sha256')}")
+        return _by_task_id(read_jsonl(local))
     if local is not None:
-        verify_sha256(local, sha256, "benchmark.sha256")
-        rows = read_jsonl(local)
-    else:
-        try:
-            import datasets
+        log.warning("no MBPP file at %s; loading %s from the hub", local, hub_dataset)
+    try:
+        import datasets
 
-            rows = [dict(r) for split in datasets.load_dataset(hub_dataset, "full").values() for r in split]
-        except Exception as err:  # offline, unknown name ...
-            raise ConfigError(f"could not load MBPP from the hub ({hub_dataset}): {err}. {how}") from err
+        rows = [dict(r) for split in datasets.load_dataset(hub_dataset, "full").values() for r in split]
+    except Exception as err:  # offline, unknown name ...
+        missing = f"no file at {local}, and " if local is not None else ""
+        raise ConfigError(
+            f"benchmark.{key}: {missing}could not load MBPP from the hub ({hub_dataset}): {err}. {how}"
+        ) from err
+    return _by_task_id(rows)
+
+
+def _by_task_id(rows: list[dict]) -> dict[int, dict]:
     by_id = {int(r["task_id"]): r for r in rows}
     missing = [i for i in (*FEW_SHOT_IDS, *TEST_IDS) if i not in by_id]
     if missing:

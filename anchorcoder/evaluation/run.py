@@ -229,7 +229,8 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             if isinstance(benchmark, ExecutionBenchmark):  # record which sandbox layers held
                 from anchorcoder.execution import sandbox_layers
 
-                write_json(out / "run_info.json", {**info, "sandbox": sandbox_layers()})
+                layers = sandbox_layers(parts.execution.limits(benchmark.timeout_s))
+                write_json(out / "run_info.json", {**info, "sandbox": layers})
             metrics = pass_at_k(results, parts.pass_k)
         with (out / "results.jsonl.tmp").open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

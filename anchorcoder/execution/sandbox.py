@@ -1,18 +1,25 @@
 """Run untrusted, model-generated programs: one fresh, isolated interpreter per program.
 
-Each program runs in a new Python process (never a fork of the process that holds the model), in a
-fresh temporary folder, with a minimal environment and no stdin. Inside, ``_runner.py`` enters new
-mount and network namespaces (every mount read-only but the folder, /proc hidden, no network),
-sets resource limits (address space, file size, open files, CPU), forbids new processes with a
-seccomp filter, disables destructive Python functions, and runs the program under a timer. The
-parent kills the whole process group when the budget is spent. A program passes only if it ran to
-its end: the runner reports success with a nonce the program never sees.
+Each program runs in a new Python process started with ``subprocess`` (never a fork of the process
+that holds the model), in its own session, in a fresh temporary folder, with a minimal environment and
+no stdin. ``_runner.py`` isolates it (namespaces, read-only mounts, hidden /proc, no network,
+rlimits, no capabilities, seccomp, a Python guard; see its docstring) and tells this side when the
+program starts, so that its ``timeout_s`` leaves interpreter start-up out. The parent kills the whole
+process group once the budget is spent; the PID namespace takes everything the program left with it.
+
+A program passes only if it ran to its end: the runner reports success with a nonce the program is
+never given (it comes through stdin, read before the program exists), after the program returned.
+Exits, crashes, timeouts and exceptions fail with their reason; so does output that looks like a
+verdict. (The nonce is in the interpreter the program runs in: a program written to search that
+memory for it could still forge a pass. This guards against mistakes and bad code, not against an
+attacker who targets this runner.) Any isolation layer the machine does not allow is listed by
+:func:`sandbox_layers`, with one warning.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 import os
 import secrets
 import select
@@ -25,136 +32,233 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from anchorcoder.registry import ConfigError
 
 RUNNER = Path(__file__).with_name("_runner.py")
-STARTUP_GRACE_S = 5.0  # interpreter start-up and isolation, on top of the program's own budget
-MAX_RESULT_BYTES = 65536
+START_UP_S = 10.0  # interpreter start and isolation, before the program's own clock starts
+KILL_GRACE_S = 1.0  # past the program's budget: time for the runner's own timer to report
+MAX_LINE_BYTES = 4096  # the runner's messages are short; anything longer is the program writing junk
+STDERR_BYTES = 2048  # tail of the runner's own stderr (set-up errors; the program's output is discarded)
+USE_NAMESPACES = True  # tests turn it off to check the layers that hold where namespaces are not allowed
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 3.0  # the program's own run time (interpreter start-up not counted)
-    memory_mb: int = 2048  # address space (RLIMIT_AS)
-    max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
+    """Per-program limits. ``max_processes`` > 1 is enforced with RLIMIT_NPROC, which counts threads too."""
+
+    timeout_s: float = 3.0  # wall-clock budget for the program itself (interpreter start-up not counted)
+    memory_mb: int = 2048  # address space (RLIMIT_AS) of the program's process
+    max_processes: int = 1  # processes alive at once, the program's own included: 0 or 1 => it may start none
+    max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE); its folder holds 4x this in all
     max_open_files: int = 64
 
     def __post_init__(self):
-        checks = [
-            ("benchmark.timeout_s", self.timeout_s, 0.01),
-            ("execution.memory_mb", self.memory_mb, 64),
-            ("execution.max_file_mb", self.max_file_mb, 1),
-            ("execution.max_open_files", self.max_open_files, 16),
-        ]
-        for key, value, low in checks:
-            if not isinstance(value, int | float) or value < low:
-                raise ConfigError(f"{key} must be >= {low}; got {value!r}")
+        timeout = self.timeout_s
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
+            raise ConfigError(
+                f"execution.timeout_s (a benchmark's timeout_s) must be a number > 0; got {self.timeout_s!r}"
+            )
+        for key, low in (("memory_mb", 64), ("max_processes", 0), ("max_file_mb", 1), ("max_open_files", 16)):
+            value = getattr(self, key)
+            if not _is_int(value) or value < low:
+                raise ConfigError(f"execution.{key} must be an integer >= {low}; got {value!r}")
 
 
 @dataclass
 class ExecutionResult:
     passed: bool
     reason: str  # "passed", "failed: AssertionError: ...", "timed out", "crashed (signal SIGSEGV)", ...
-    duration_s: float
+    duration_s: float  # how long the program itself ran (start-up not counted)
+
+
+@dataclass
+class _Seen:
+    """What the runner reported through the result pipe."""
+
+    started_at: float | None = None
+    layers: dict = field(default_factory=dict)
+    status: str | None = None
+    nonce: str | None = None
+    exit: int | None = None  # the program's process: exit code, or -signal
+
+    def take(self, line: bytes, now: float) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(message, dict):
+            return
+        if message.get("started") and self.started_at is None:
+            self.started_at, self.layers = now, dict(message.get("layers") or {})
+        elif isinstance(message.get("status"), str):
+            self.status, self.nonce = message["status"][:300], message.get("nonce")
+        elif _is_int(message.get("exit")):
+            self.exit = message["exit"]
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
-    threads = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    threads = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "HOME": workdir,
         "TMPDIR": workdir,
-        "PYTHONHASHSEED": "0",
+        "PYTHONHASHSEED": "0",  # the same verdict every run, even for code that depends on set order
         "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONSAFEPATH": "1",
         **threads,
     }
 
 
-def _run(program: str, limits: SandboxLimits) -> tuple[ExecutionResult, dict]:
+def _exited(pid: int) -> bool:
+    """Has ``pid`` ended? Without reaping it: until it is reaped its pid (and process group) is not reused."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _watch(fd: int, proc: subprocess.Popen, timeout_s: float) -> tuple[_Seen, bool]:
+    """Read the runner's messages until it ends or its budget is spent; True if it had to be killed."""
+    seen, buffer, program_clock = _Seen(), b"", False
+    deadline = time.monotonic() + START_UP_S
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):  # an old kernel: poll for the end instead
+        pidfd = None
+    try:
+        while not _exited(proc.pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return seen, True
+            events = poller.poll(1000 * min(left, 0.05 if pidfd is None else left))
+            if not any(ev_fd == fd for ev_fd, _ in events):
+                continue
+            chunk = os.read(fd, 65536)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            buffer = buffer[-MAX_LINE_BYTES:]
+            for line in lines if seen.started_at is None else lines[-8:]:  # a flood costs us little
+                if len(line) <= MAX_LINE_BYTES:
+                    seen.take(line, time.monotonic())
+            if seen.started_at is not None and not program_clock:  # from now on, the program's own budget
+                program_clock, deadline = True, seen.started_at + timeout_s + KILL_GRACE_S
+            if not chunk:  # every writer gone: the runner is ending (or the program closed its end)
+                poller.unregister(fd)
+        os.set_blocking(fd, False)  # what it wrote just before it ended (a pipe holds 64 KiB)
+        for _ in range(4):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines[-8:]:
+                seen.take(line, time.monotonic())
+            if not chunk:
+                break
+        return seen, False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    try:
+        os.set_blocking(proc.stderr.fileno(), False)
+        data = proc.stderr.read(65536) or b""
+    except (OSError, ValueError):
+        data = b""
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1][-STDERR_BYTES:] if lines else ""
+
+
+def _reason(seen: _Seen, killed: bool, code: int | None, nonce: str, stderr: str) -> str:
+    if killed:
+        return "timed out" if seen.started_at is not None else f"sandbox did not start within {START_UP_S:.0f} s"
+    if seen.status == "passed" and seen.nonce == nonce and code == 0:
+        return "passed"
+    if seen.status and seen.status != "passed":
+        return seen.status
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return "timed out (CPU limit)" if name == "SIGXCPU" else f"crashed (signal {name})"
+    if seen.started_at is None:
+        return f"sandbox error: {stderr or f'the runner exited with code {code}'}"
+    return f"exited before the tests finished (exit code {code})"
+
+
+def _run(program: str, limits: SandboxLimits) -> tuple[ExecutionResult, dict[str, bool]]:
     workdir = tempfile.mkdtemp(prefix="anchorcoder-exec-")
     nonce = secrets.token_hex(16)
     read_fd, write_fd = os.pipe()
-    started = time.perf_counter()
+    spawned = time.monotonic()
+    proc = None
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", str(RUNNER), str(write_fd), json.dumps(asdict(limits))],
+            [
+                sys.executable,
+                "-s",
+                str(RUNNER),
+                str(write_fd),
+                json.dumps({**asdict(limits), "namespaces": USE_NAMESPACES}),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             cwd=workdir,
             env=_clean_env(workdir),
             pass_fds=(write_fd,),
             start_new_session=True,  # its own process group, killed as a whole
         )
         os.close(write_fd)
+        write_fd = -1
         try:
-            proc.stdin.write(f"{nonce}\n{program}".encode())
+            proc.stdin.write(f"{nonce}\n{program}".encode(errors="surrogateescape"))
             proc.stdin.close()
         except BrokenPipeError:
             pass
-        message, killed = _read_result(read_fd, proc, limits.timeout_s + STARTUP_GRACE_S)
+        seen, killed = _watch(read_fd, proc, limits.timeout_s)
+        ended = time.monotonic()
     finally:
-        os.close(read_fd)
-        _kill_group(proc.pid if "proc" in locals() else None)
-        _remove(workdir)
-    duration = time.perf_counter() - started
-    status = message.get("status")
-    if killed:
-        reason = "timed out"
-    elif status == "passed" and message.get("nonce") == nonce and proc.returncode == 0:
-        reason = "passed"
-    elif status and status != "passed":
-        reason = status
-    elif proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        reason = "timed out (CPU limit)" if sig == "SIGXCPU" else f"crashed (signal {sig})"
-    else:
-        reason = f"exited before the tests finished (exit code {proc.returncode})"
-    return ExecutionResult(reason == "passed", reason, duration), message.get("layers", {})
-
-
-def _read_result(fd: int, proc: subprocess.Popen, budget_s: float) -> tuple[dict, bool]:
-    """Read the runner's one-line verdict until the process ends or the budget is spent."""
-    data, deadline = b"", time.monotonic() + budget_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+        if proc is not None:
             _kill_group(proc.pid)
             proc.wait()
-            return {}, True
-        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:  # every writer closed: the runner is done (or dead)
-                break
-            data = (data + chunk)[:MAX_RESULT_BYTES]
-    try:
-        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:  # reported, then hung in a finaliser
-        _kill_group(proc.pid)
-        proc.wait()
-    try:
-        return json.loads(data.decode().splitlines()[0]), False
-    except (ValueError, IndexError):
-        return {}, False
+        _remove(workdir)
+    code = seen.exit if seen.exit is not None else proc.returncode
+    reason = _reason(seen, killed, None if killed else code, nonce, _stderr_tail(proc))
+    proc.stderr.close()
+    duration = ended - (seen.started_at if seen.started_at is not None else spawned)
+    return ExecutionResult(reason == "passed", reason, duration), seen.layers
 
 
-def _kill_group(pid: int | None) -> None:
-    if pid is None:
-        return
+def _kill_group(pgid: int) -> None:
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
 def _remove(workdir: str) -> None:
-    for root, dirs, _ in os.walk(workdir):  # a program may have made its own folders read-only
+    """Delete the folder, also where the program made parts of it read-only (without namespaces, it
+    wrote there directly)."""
+    for root, dirs, _ in os.walk(workdir):
         for d in dirs:
             try:
                 os.chmod(os.path.join(root, d), 0o700)
@@ -165,6 +269,7 @@ def _remove(workdir: str) -> None:
 
 def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
     """Run one program in the sandbox; see the module docstring."""
+    sandbox_layers(limits)  # probe (and warn) once
     return _run(program, limits)[0]
 
 
@@ -174,37 +279,48 @@ def run_programs(
     workers: int = 2,
     on_result: Callable[[int, ExecutionResult], None] | None = None,
 ) -> list[ExecutionResult]:
-    """Run many programs, at most ``workers`` at once; results in input order, ``on_result`` as each ends."""
-    if not isinstance(workers, int) or workers < 1:
+    """Run many programs in parallel (at most ``workers`` at once), results in input order;
+    ``on_result(i, result)`` is called (in this thread) as each ends."""
+    if not _is_int(workers) or workers < 1:
         raise ConfigError(f"execution.workers must be an integer >= 1; got {workers!r}")
-    sandbox_layers()  # probe (and warn) once, before the first real program
+    sandbox_layers(limits)
     results: list[ExecutionResult | None] = [None] * len(programs)
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        results[i] = run_program(programs[i], limits)
-        if on_result is not None:
-            with lock:
-                on_result(i, results[i])
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(one, i) for i in range(len(programs))]:
-            future.result()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        futures = {pool.submit(_run, program, limits): i for i, program in enumerate(programs)}
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()[0]
+                if on_result is not None:
+                    on_result(i, results[i])
+        except BaseException:  # an interrupt or a failing callback: the programs not started yet never start
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results  # type: ignore[return-value]
 
 
-@functools.cache
-def sandbox_layers() -> dict[str, bool]:
-    """Which isolation layers hold on this machine (probed once); warns about the ones that do not."""
-    result, layers = _run("pass\n", SandboxLimits())
-    if not result.passed:
-        raise RuntimeError(f"the sandbox cannot run a trivial program here: {result.reason}")
-    missing = sorted(k for k, v in layers.items() if not v)
-    if missing:
-        warnings.warn(
-            f"sandbox layers unavailable on this machine: {', '.join(missing)}; the remaining layers still apply "
-            "(see README, Sandbox)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return layers
+_layers: dict[tuple[SandboxLimits, bool], dict[str, bool]] = {}
+_warned: set[str] = set()
+_layers_lock = threading.Lock()
+
+
+def sandbox_layers(limits: SandboxLimits = SandboxLimits()) -> dict[str, bool]:
+    """Which isolation layers hold on this machine, e.g. ``{"readonly_filesystem": True, "seccomp": True, ...}``
+    (probed once per limits; one warning per process for those that do not); recorded with every run."""
+    key = (limits, USE_NAMESPACES)
+    with _layers_lock:
+        if key not in _layers:
+            result, layers = _run("pass\n", limits)
+            if not result.passed:
+                raise RuntimeError(f"the sandbox cannot run a trivial program here: {result.reason}")
+            missing = sorted(k for k, held in layers.items() if not held and k not in _warned)
+            if missing:
+                _warned.update(missing)
+                warnings.warn(
+                    f"sandbox layers unavailable on this machine: {', '.join(missing)}; the other layers still "
+                    "apply (see README, Sandbox)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _layers[key] = layers
+        return dict(_layers[key])
