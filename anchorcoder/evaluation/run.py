@@ -200,11 +200,11 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         loaded = load_model(model_cfg, container.get("device", "auto"))
         model, tokenizer = loaded.model, loaded.tokenizer
         info = run_info(container, loaded.info)
-        info["benchmark"] = benchmark.describe()
+        style = benchmark.prompt_style or model_cfg["prompt_style"]
+        info["benchmark"] = {**benchmark.describe(), "prompt_style": style}
         write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
 
-        style = benchmark.prompt_style or model_cfg["prompt_style"]
         problems = benchmark.problems(tokenizer)
         prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]
         prompt_ids = [tokenizer(text, add_special_tokens=(style == "completion")).input_ids for text in prompts]
