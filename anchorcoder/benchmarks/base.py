@@ -101,9 +101,10 @@ class ExecutionSettings:
     max_processes: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
-            raise ConfigError(f"execution.workers must be an integer >= 1; got {self.workers!r}")
-        self.limits(timeout_s=1.0)  # the sandbox's own checks, before any model loads
+        from anchorcoder.execution.sandbox import check_workers
+
+        check_workers(self.workers)  # the sandbox's own checks, before any model loads
+        self.limits(timeout_s=1.0)
 
     def limits(self, timeout_s: float):
         from anchorcoder.execution import SandboxLimits

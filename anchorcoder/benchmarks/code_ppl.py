@@ -48,7 +48,9 @@ class CodePerplexity(Benchmark):
                 for row in rows
             ]
         if "mbpp" in self.sources:
-            by_id = load_mbpp_rows(self.mbpp_data_file, self.mbpp_sha256, self.hub_dataset, key="mbpp_data_file")
+            by_id = load_mbpp_rows(
+                self.mbpp_data_file, self.mbpp_sha256, self.hub_dataset, keys=("mbpp_data_file", "mbpp_sha256")
+            )
             for i in list(TEST_IDS)[: self.limit]:
                 row = by_id[i]
                 prompt = f'"""\n{row["text"]}\n{row["test_list"][0]}\n"""\n'

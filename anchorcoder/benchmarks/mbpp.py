@@ -41,16 +41,19 @@ def clean_code(code: str) -> str:
     return code.replace("\r\n", "\n").strip("\n")
 
 
-def load_mbpp_rows(path: str | None, sha256: str | None, hub_dataset: str, key: str = "data_file") -> dict[int, dict]:
+def load_mbpp_rows(
+    path: str | None, sha256: str | None, hub_dataset: str, keys: tuple[str, str] = ("data_file", "sha256")
+) -> dict[int, dict]:
     """All 974 MBPP rows by task id: from the local JSONL when it exists, else from the hub.
-    ``key`` names the config key of ``path`` (its checksum's key is the same with ``sha256``)."""
+    ``keys``: the benchmark config keys of ``path`` and ``sha256``, for the messages."""
+    key, sha_key = keys
     how = (
         f"Point benchmark.{key} at the MBPP release mbpp.jsonl (google-research/google-research, "
         "mbpp/mbpp.jsonl), or make benchmark.hub_dataset reachable (the hub, or its HF cache)."
     )
     local = resolve_path(path)
     if local is not None and local.is_file():
-        verify_sha256(local, sha256, f"benchmark.{key.replace('data_file', 'sha256')}")
+        verify_sha256(local, sha256, f"benchmark.{sha_key}")
         return _by_task_id(read_jsonl(local))
     if local is not None:
         log.warning("no MBPP file at %s; loading %s from the hub", local, hub_dataset)

@@ -50,6 +50,7 @@ RESUME_IGNORES = (
     "generation.batch_size",
     "generation.pass_k",
     "benchmark.limit",
+    "benchmark.timeout_s",  # changes verdicts only: a resumed run scores every sample again
 )
 
 

@@ -50,6 +50,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_workers(workers) -> None:
+    if not _is_int(workers) or workers < 1:
+        raise ConfigError(f"execution.workers must be an integer >= 1; got {workers!r}")
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-program limits. ``max_processes`` > 1 is enforced with RLIMIT_NPROC, which counts threads too."""
@@ -281,8 +286,7 @@ def run_programs(
 ) -> list[ExecutionResult]:
     """Run many programs in parallel (at most ``workers`` at once), results in input order;
     ``on_result(i, result)`` is called (in this thread) as each ends."""
-    if not _is_int(workers) or workers < 1:
-        raise ConfigError(f"execution.workers must be an integer >= 1; got {workers!r}")
+    check_workers(workers)
     sandbox_layers(limits)
     results: list[ExecutionResult | None] = [None] * len(programs)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
