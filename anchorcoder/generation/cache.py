@@ -32,15 +32,18 @@ class KVCache:
         self._shared_before: torch.Tensor | None = None
         self._shared_after: torch.Tensor | None = None
         self.step_positions: torch.Tensor | None = None  # [B, Q] positions of the tokens being fed
+        self.phase = "prefill"  # of the step being fed: "prefill" | "decode"
         self.has_padding = False
+        self.peak_entries: torch.Tensor | None = None  # [B] most entries each row has held (see observe)
         self.prunes = 0  # number of keep() calls so far: lets the engine skip re-measuring an unchanged cache
         self.method_state: dict = {}  # per-batch state a method keeps between steps
         self._memo: dict = {}  # per-step memo (masks), keyed by positions-tensor identity
 
     # ------------------------------------------------------------------ feeding tokens
-    def begin_step(self, positions: torch.Tensor) -> None:
+    def begin_step(self, positions: torch.Tensor, phase: str = "prefill") -> None:
         """Declare the absolute positions ``[B, Q]`` (``-1`` = padding) of the tokens fed next."""
         self.step_positions = positions
+        self.phase = phase
         self.has_padding = self.has_padding or bool((positions < 0).any())
         self._shared_before = self._shared_after
         self._shared_after = (
@@ -105,6 +108,7 @@ class KVCache:
         self._shared_after = pick(self._shared_after)
         self._shared_before = pick(self._shared_before)
         self.step_positions = pick(self.step_positions)
+        self.peak_entries = pick(self.peak_entries)
         for key, state in list(self.method_state.items()):
             if isinstance(state, torch.Tensor):
                 self.method_state[key] = state.index_select(0, rows)
@@ -124,6 +128,12 @@ class KVCache:
             total = valid * n_layers if total is None else total + valid * n_layers
         return total
 
+    def observe(self) -> None:
+        """Fold what is held now into ``peak_entries``: called after every forward, before and after
+        pruning, and by a method that prunes inside the forward, before it prunes."""
+        entries = self.entries_per_row()
+        self.peak_entries = entries if self.peak_entries is None else torch.maximum(self.peak_entries, entries)
+
     def bytes_per_entry(self) -> int:
         """Bytes of one K/V entry pair (one token, one layer, one KV head)."""
         first = next(k for k in self.keys if k is not None)
@@ -132,6 +142,12 @@ class KVCache:
     def tensor_bytes(self) -> int:
         """Bytes of the K/V tensors actually allocated (padding included)."""
         return sum(t.nbytes for t in self.keys + self.values if t is not None)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen before the step being fed (transformers < 5.3 asks, to number the step)."""
+        if self.step_positions is None:
+            return 0
+        return int(self.step_positions.max()) + 1 - self.step_positions.shape[-1]
 
     def layer_length(self, layer_idx: int) -> int:
         keys = self.keys[layer_idx]

@@ -106,6 +106,14 @@ def model_kv_shape(model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
 
 
+def check_batching(method: KVMethod, settings: GenerationSettings) -> None:
+    if not method.handles_padding and settings.batch_size > 1:
+        raise ConfigError(
+            f"method={method.name} cannot handle left-padded batches: set generation.batch_size=1 "
+            f"(got {settings.batch_size})"
+        )
+
+
 def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None):
     """Greedy argmax, or temperature + top-p sampling; ``logits`` is ``[B, V]`` float32."""
     if not settings.do_sample:
@@ -129,12 +137,14 @@ def cache_argument(model) -> str:
     return _cache_argument(type(model))
 
 
-def forward_with_cache(model, cache: KVCache, method: KVMethod, input_ids, positions, logits_to_keep: int = 0):
+def forward_with_cache(
+    model, cache: KVCache, method: KVMethod, input_ids, positions, logits_to_keep: int = 0, phase: str = "prefill"
+):
     """One forward of ``input_ids`` at absolute ``positions`` (``-1`` = padding) through ``cache``.
 
     The model's attention must be routed through :func:`engine_attention`.
     """
-    cache.begin_step(positions)
+    cache.begin_step(positions, phase)
     return model(
         input_ids=input_ids,
         position_ids=positions.clamp(min=0),
@@ -153,6 +163,7 @@ class GenerationEngine:
         self.method = method
         self.settings = settings
         self.device = next(model.parameters()).device
+        check_batching(method, settings)
         self.num_layers, self.num_kv_heads, self.head_dim = model_kv_shape(model)
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -217,7 +228,7 @@ class GenerationEngine:
             setattr(self.stats, attr, max(getattr(self.stats, attr) or 0, value))
 
     def _forward(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor, phase: str):
-        out = forward_with_cache(self.model, cache, self.method, input_ids, positions, logits_to_keep=1)
+        out = forward_with_cache(self.model, cache, self.method, input_ids, positions, logits_to_keep=1, phase=phase)
         self._observe(cache)  # before pruning: the full step existed in memory
         prunes = cache.prunes
         self.method.after_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
@@ -226,8 +237,7 @@ class GenerationEngine:
         return out.logits[:, -1, :].float()
 
     def _observe(self, cache: KVCache):
-        entries = cache.entries_per_row()
-        self._peak = entries if self._peak is None else torch.maximum(self._peak, entries)
+        cache.observe()
         self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.tensor_bytes())
 
     def _left_pad(self, seqs: list[list[int]]):
@@ -274,7 +284,6 @@ class GenerationEngine:
             if not prompts[p]:
                 raise ConfigError(f"prompt {p} is empty after tokenisation")
         cache = KVCache(self.num_layers, self.num_kv_heads, self.head_dim)
-        self._peak = None
         input_ids, positions = self._left_pad([prompts[p] for p in unique])
 
         self._cuda_peak_start()
@@ -285,7 +294,7 @@ class GenerationEngine:
             expand = torch.tensor([unique.index(p) for p, _ in rows], device=self.device)
             cache.select_rows(expand)
             self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.tensor_bytes())
-            logits, self._peak = logits[expand], self._peak[expand]
+            logits = logits[expand]
         self._sync()
         prefill_s = time.perf_counter() - t0
         self._cuda_peak("cuda_prefill_max_allocated")
@@ -331,7 +340,7 @@ class GenerationEngine:
                     keep_slots.append(slot)
                     continue
                 entries = int(cache.entries_per_row()[slot])
-                peak = int(self._peak[slot])
+                peak = int(cache.peak_entries[slot])
                 dense_entries = dense_per_token * int(n_seen[slot])
                 prompt_index, sample_index = rows[row]
                 done.append(
@@ -364,7 +373,7 @@ class GenerationEngine:
             if len(keep_slots) != len(alive):  # finished rows leave the batch; their cache is freed
                 index = torch.tensor(keep_slots, device=self.device)
                 cache.select_rows(index)
-                self._peak, n_seen = self._peak[index], n_seen[index]
+                n_seen = n_seen[index]
                 alive = [alive[s] for s in keep_slots]
             feed = torch.tensor([[generated[row][-1]] for row in alive], device=self.device)
             logits = self._forward(cache, feed, n_seen[:, None], "decode")

@@ -15,12 +15,14 @@ insertion, labels, the training mask) joins this contract with the first trained
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from anchorcoder.generation.cache import KVCache
 from anchorcoder.registry import METHODS
+
+if TYPE_CHECKING:  # the engine imports the method contract; avoid the cycle
+    from anchorcoder.generation.cache import KVCache
 
 
 @dataclass
@@ -36,6 +38,7 @@ class StepInfo:
 class KVMethod:
     name: ClassVar[str] = "base"
     trained: ClassVar[bool] = False  # whether the method needs fine-tuning to keep quality
+    handles_padding: ClassVar[bool] = True  # False: left-padded batches are refused (batch_size must be 1)
 
     def prepare(self, model, tokenizer) -> None:
         """Adapt model and tokenizer once (e.g. add an anchor token)."""
