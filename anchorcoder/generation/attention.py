@@ -40,10 +40,11 @@ def _kernel(module):
     return eager_attention if getattr(module.config, KERNEL_ATTR, "sdpa") == "eager" else sdpa_attention_forward
 
 
-def cached_attention(module, query, key, value, attention_mask, kv_cache=None, kv_method=None, **kwargs):
+def cached_attention(module, query, key, value, attention_mask, *args, kv_cache=None, kv_method=None, **kwargs):
+    # *args: wrappers such as kvpress' attention patch pass dropout positionally
     kernel = _kernel(module)
     if kv_cache is None:  # a plain forward: behave like the kernel itself
-        return kernel(module, query, key, value, attention_mask, **kwargs)
+        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
     layer = module.layer_idx
     q_len, kv_len = query.shape[2], key.shape[2]
     extra = kv_method.visibility(kv_cache, layer) if kv_method is not None else None
@@ -56,7 +57,7 @@ def cached_attention(module, query, key, value, attention_mask, kv_cache=None, k
             mask = mask & extra
         if mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head
             mask = repeat_kv_heads(mask, query.shape[1] // mask.shape[1])
-    return kernel(module, query, key, value, mask, **kwargs)
+    return kernel(module, query, key, value, mask, *args, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_NAME, cached_attention)

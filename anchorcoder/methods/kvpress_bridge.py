@@ -50,7 +50,10 @@ def kept_index(keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor,
     probe = torch.randn(keys.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     probe = probe.to(keys.device)
     sorted_hash, order = (keys.double() @ probe).sort(dim=-1)
-    slot = torch.searchsorted(sorted_hash, (new_keys.double() @ probe).contiguous()).clamp(max=keys.shape[-2] - 1)
+    wanted = (new_keys.double() @ probe).contiguous()
+    slot = torch.searchsorted(sorted_hash, wanted).clamp(1, keys.shape[-2] - 1)  # BLAS rounding may differ by
+    below, above = sorted_hash.gather(-1, slot - 1), sorted_hash.gather(-1, slot)  # shape: take the nearer
+    slot = torch.where((wanted - below).abs() <= (above - wanted).abs(), slot - 1, slot)
     found = order.gather(-1, slot)  # in the press's order
     index, perm = found.sort(dim=-1)
     expand = lambda i: i[..., None].expand(-1, -1, -1, keys.shape[-1])  # noqa: E731
