@@ -1,8 +1,9 @@
 """Decode benchmark for the eviction methods: prefill time, decode tokens/s and measured KV bytes.
 
 One run, one model, the same code context for every method: dense, ``l2norm`` at 0.5, ``streamingllm``
-at the same budget (same skipped layers, so the same bytes), and kvpress' ``KnormPress`` at 0.5 through
-our bridge when kvpress is installed. Batch 1, greedy, EOS ignored, so every method generates exactly
+at the same budget (same skipped layers, so the same bytes), ``l2norm`` at 0.5 with kvpress' settings
+(no skipped layers, floor rounding), and kvpress' ``KnormPress`` at 0.5 through our bridge when kvpress
+is installed. Batch 1, greedy, EOS ignored, so every method generates exactly
 ``--new-tokens`` tokens. Within a round the methods alternate, so drift of the machine hits all alike;
 the table gives the median over rounds and ratios against dense (and against KnormPress).
 
@@ -38,6 +39,13 @@ def methods(ratio: float) -> dict[str, dict]:
         "dense": {"name": "dense"},
         f"l2norm {ratio}": {"name": "l2norm", "compression_ratio": ratio},
         f"streamingllm {ratio}": {"name": "streamingllm", "compression_ratio": ratio, "skip_layers": [0, 1]},
+        # kvpress' own settings (all layers, floor): the same bytes as KnormPress, to compare like with like
+        f"l2norm {ratio} all layers": {
+            "name": "l2norm",
+            "compression_ratio": ratio,
+            "skip_layers": [],
+            "rounding": "floor",
+        },
     }
     try:
         import kvpress  # noqa: F401
