@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -62,9 +64,13 @@ def test_kept_set_equals_a_brute_force_sort_of_the_norms(rounding):
     keys = torch.randn(batch, heads, length, dim) * torch.rand(batch, heads, length, 1) * 3
     pad = [0, 5, 11]  # left padding per row
     positions = torch.stack([torch.cat([torch.full((p,), -1), torch.arange(length - p)]) for p in pad])
-    cache = filled_cache(keys, positions)
+    cache = filled_cache(keys.clone(), positions)
+    before = weakref.ref(cache.keys[0])
     method = L2Norm(compression_ratio=ratio, skip_layers=[], rounding=rounding)
     method.after_step(cache, StepInfo(torch.zeros_like(positions), positions, "prefill"))
+    gc.collect()
+    assert before() is None  # the full tensor is gone: nothing keeps it alive
+    assert cache.keys[0].untyped_storage().nbytes() == cache.keys[0].numel() * 4  # a new, small allocation
     assert cache.keys[0].shape[1] == heads  # KV heads unchanged (no repetition)
     kept = held_positions(cache, 0)
     for b in range(batch):
