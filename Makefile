@@ -9,7 +9,7 @@ LIMIT  ?= 10
 TORCH_PIP_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-kvpress test test-slow demo bench lint format clean
+.PHONY: help install install-kvpress bench-eviction test test-slow demo bench lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ demo: install ## the main job on the embedded SmolLM2: HumanEval (first LIMIT pr
 
 bench: install ## our engine vs model.generate on SmolLM2 (greedy, batch 1 and 8)
 	$(BIN)/python scripts/bench_engine.py
+
+bench-eviction: install ## decode benchmark of the eviction methods on SmolLM2 (KnormPress too after `make install-kvpress`)
+	if [ -x $(VENV)-kvpress/bin/python ]; then $(VENV)-kvpress/bin/python scripts/bench_eviction.py; \
+	else $(BIN)/python scripts/bench_eviction.py; fi
 
 lint: install ## ruff
 	$(BIN)/ruff check anchorcoder tests scripts train.py eval.py

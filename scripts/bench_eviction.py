@@ -4,8 +4,9 @@ One run, one model, the same code context for every method: dense, ``l2norm`` at
 at the same budget (same skipped layers, so the same bytes), ``l2norm`` at 0.5 with kvpress' settings
 (no skipped layers, floor rounding), and kvpress' ``KnormPress`` at 0.5 through our bridge when kvpress
 is installed. Batch 1, greedy, EOS ignored, so every method generates exactly
-``--new-tokens`` tokens. Within a round the methods alternate, so drift of the machine hits all alike;
-the table gives the median over rounds and ratios against dense (and against KnormPress).
+``--new-tokens`` tokens. Within a round every method runs once;
+the order rotates from round to round, and each speed ratio is the median over rounds of the ratio
+within a round (this machine's speed drifts by 2x over minutes; paired ratios cancel most of it).
 
     python scripts/bench_eviction.py                                  # SmolLM2, contexts 512, 2k, 8k
     .venv-kvpress/bin/python scripts/bench_eviction.py                # the same, KnormPress included
@@ -83,14 +84,65 @@ def run_once(loaded, method_cfg: dict, prompt: list[int], new_tokens: int) -> di
     }
 
 
+def paired_ratio(runs: list[dict], context: int, label: str, reference: str) -> float:
+    """Median over rounds of (decode tokens/s of ``label`` / of ``reference``) within the same round."""
+    speed = {(x["round"], x["method"]): x["decode_tokens_per_s"] for x in runs if x["context"] == context}
+    rounds = sorted({r for r, _ in speed})
+    return statistics.median(speed[(r, label)] / speed[(r, reference)] for r in rounds)
+
+
+def summarise(report: dict) -> tuple[list[str], dict]:
+    """The markdown table and per-context summary of a benchmark report."""
+    contexts = list(dict.fromkeys(x["context"] for x in report["runs"]))
+    labels = list(dict.fromkeys(x["method"] for x in report["runs"]))
+    lines = [
+        f"{report['model']}, batch 1, greedy, {report['new_tokens']} new tokens, {report['threads']} threads, "
+        f"median over rounds (speed ratios: median of the ratios within each round, the order of methods "
+        f"rotated from round to round); transformers {report['transformers']}",
+        "",
+        "| context | method | rounds | prefill s | decode tok/s | × dense | × knorm | KV MiB (final) | KV kept vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for context in contexts:
+        rows = {}
+        for label in labels:
+            runs = [x for x in report["runs"] if x["context"] == context and x["method"] == label]
+            rows[label] = {
+                "rounds": len(runs),
+                "prefill_s": statistics.median(x["prefill_s"] for x in runs),
+                "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in runs),
+                "kv_bytes_final": runs[0]["kv_bytes_final"],
+                "kv_dense_bytes_final": runs[0]["kv_dense_bytes_final"],
+            }
+        knorm = next((k for k in rows if k.startswith("kvpress")), None)
+        for label, row in rows.items():
+            speed = row["decode_tokens_per_s"]
+            row["x_dense"] = paired_ratio(report["runs"], context, label, "dense")
+            row["x_knorm"] = paired_ratio(report["runs"], context, label, knorm) if knorm else None
+            row["kv_kept"] = row["kv_bytes_final"] / row["kv_dense_bytes_final"]
+            vs_knorm = "" if knorm is None else f"{row['x_knorm']:.2f}"
+            lines.append(
+                f"| {context} | {label} | {row['rounds']} | {row['prefill_s']:.2f} | {speed:.1f} | "
+                f"{row['x_dense']:.2f} | {vs_knorm} | "
+                f"{row['kv_bytes_final'] / 2**20:.1f} | {row['kv_kept']:.3f} |"
+            )
+        summary[context] = rows
+    return lines, summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="512,2048,8064", help="prompt lengths in tokens")
     parser.add_argument("--rounds", default="3,3,1", help="rounds per context (one number for all)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--from-json", type=Path, help="only re-tabulate a report this script wrote")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
     args = parser.parse_args()
+    if args.from_json:
+        print("\n".join(summarise(json.loads(args.from_json.read_text()))[0]))
+        return
     contexts = [int(c) for c in args.contexts.split(",")]
     rounds = [int(r) for r in args.rounds.split(",")]
     rounds = rounds * len(contexts) if len(rounds) == 1 else rounds
@@ -112,8 +164,11 @@ def main() -> None:
     }
     for context, n_rounds in zip(contexts, rounds, strict=True):
         prompt = code_context(loaded.tokenizer, context)
+        labels = list(chosen)
         for r in range(n_rounds):
-            for label, method_cfg in chosen.items():
+            order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotated: drift hits no method alike
+            for label in order:
+                method_cfg = chosen[label]
                 start = time.perf_counter()
                 row = run_once(loaded, method_cfg, prompt, args.new_tokens)
                 row.update(context=context, round=r, method=label)
@@ -125,38 +180,7 @@ def main() -> None:
                     flush=True,
                 )
 
-    lines = [
-        f"{report['model']}, batch 1, greedy, {args.new_tokens} new tokens, {report['threads']} threads, "
-        f"median over rounds; transformers {report['transformers']}",
-        "",
-        "| context | method | rounds | prefill s | decode tok/s | × dense | × knorm | KV MiB (final) | KV kept vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    summary = {}
-    for context in contexts:
-        rows = {}
-        for label in chosen:
-            runs = [x for x in report["runs"] if x["context"] == context and x["method"] == label]
-            rows[label] = {
-                "rounds": len(runs),
-                "prefill_s": statistics.median(x["prefill_s"] for x in runs),
-                "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in runs),
-                "kv_bytes_final": runs[0]["kv_bytes_final"],
-                "kv_dense_bytes_final": runs[0]["kv_dense_bytes_final"],
-            }
-        knorm = next((v for k, v in rows.items() if k.startswith("kvpress")), None)
-        for label, row in rows.items():
-            speed = row["decode_tokens_per_s"]
-            row["x_dense"] = speed / rows["dense"]["decode_tokens_per_s"]
-            row["x_knorm"] = speed / knorm["decode_tokens_per_s"] if knorm else None
-            row["kv_kept"] = row["kv_bytes_final"] / row["kv_dense_bytes_final"]
-            vs_knorm = "" if knorm is None else f"{row['x_knorm']:.2f}"
-            lines.append(
-                f"| {context} | {label} | {row['rounds']} | {row['prefill_s']:.2f} | {speed:.1f} | "
-                f"{row['x_dense']:.2f} | {vs_knorm} | "
-                f"{row['kv_bytes_final'] / 2**20:.1f} | {row['kv_kept']:.3f} |"
-            )
-        summary[context] = rows
+    lines, summary = summarise(report)
     report["summary"] = summary
     out = ROOT / "outputs" / "bench" / f"eviction_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,18 +96,19 @@ class KVPressBridge(KVMethod):
         return press_class(compression_ratio=self.compression_ratio, **self.press_options)
 
     def prepare(self, model, tokenizer) -> None:
-        if self._press is not None:
-            return
-        self._press = self.build_press()
+        if self._press is None:
+            self._press = self.build_press()
         self._press.post_init_from_model(model)
+        if getattr(model, HOOKED, False):
+            return  # one set of hooks per model serves every bridge instance
         backbone = model.model.language_model if hasattr(model.model, "language_model") else model.model
         for layer in backbone.layers:
-            layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
+            layer.self_attn.register_forward_hook(_press_hook, with_kwargs=True)
+        setattr(model, HOOKED, True)
 
-    def _hook(self, module, args, kwargs, output):
-        cache: KVCache | None = kwargs.get("kv_cache")
-        if cache is None or kwargs.get("kv_method") is not self or cache.phase != "prefill":
-            return output
+    def compress_layer(self, module, args, kwargs, output) -> None:
+        """After layer ``module``'s attention during prefill: let the press pick what stays."""
+        cache: KVCache = kwargs["kv_cache"]
         layer = module.layer_idx
         keys, values = cache.keys[layer], cache.values[layer]
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -115,4 +116,13 @@ class KVPressBridge(KVMethod):
         if new_keys.shape[-2] != keys.shape[-2]:
             cache.observe()  # the full layer existed: count it in the peak before it shrinks
             cache.keep(layer, kept_index(keys, values, new_keys, new_values))
-        return output
+
+
+HOOKED = "_anchorcoder_kvpress_hooks"
+
+
+def _press_hook(module, args, kwargs, output):
+    method, cache = kwargs.get("kv_method"), kwargs.get("kv_cache")
+    if isinstance(method, KVPressBridge) and cache is not None and cache.phase == "prefill":
+        method.compress_layer(module, args, kwargs, output)
+    return output
