@@ -82,7 +82,7 @@ class KVPressBridge(KVMethod):
     def __post_init__(self):
         if not 0.0 <= self.compression_ratio < 1.0:
             raise ConfigError(f"method.compression_ratio must be in [0, 1), got {self.compression_ratio}")
-        self._press = None
+        self._press = self.build_press()  # fails before any model loads when kvpress is missing
 
     def build_press(self):
         try:
@@ -96,8 +96,6 @@ class KVPressBridge(KVMethod):
         return press_class(compression_ratio=self.compression_ratio, **self.press_options)
 
     def prepare(self, model, tokenizer) -> None:
-        if self._press is None:
-            self._press = self.build_press()
         self._press.post_init_from_model(model)
         if getattr(model, HOOKED, False):
             return  # one set of hooks per model serves every bridge instance
