@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import compose_config
 
 from anchorcoder.generation import GenerationEngine, GenerationSettings, KVCache
 from anchorcoder.generation.attention import engine_attention
@@ -17,7 +18,6 @@ from anchorcoder.generation.engine import forward_with_cache
 from anchorcoder.methods import StepInfo, build_method
 from anchorcoder.methods.eviction import L2Norm, kept_count
 from anchorcoder.registry import ConfigError
-from tests.conftest import compose_config
 
 
 @pytest.fixture(scope="module")
