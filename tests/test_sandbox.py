@@ -81,7 +81,8 @@ def test_good_and_failing_programs():
 def test_infinite_loop_times_out():
     result = run("while True:\n    pass\n")
     assert not result.passed and result.reason == "timed out"
-    assert LIMITS.timeout_s <= result.duration_s < LIMITS.timeout_s + 1.5  # start-up not counted
+    # start-up not counted; the parent sees the start a moment after the program's own timer starts
+    assert LIMITS.timeout_s - 0.1 <= result.duration_s < LIMITS.timeout_s + 1.5
 
 
 def test_a_loop_that_swallows_the_timer_is_still_stopped():
