@@ -36,15 +36,34 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def packed_decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0):
+    """SDPA for one query per row (decoding) under grouped-query attention, without repeating K/V.
+
+    Each KV head attends with its group of query heads packed as a block of queries: ``[B, H, 1, D]``
+    becomes ``[B, H_kv, H / H_kv, D]`` (query head ``j`` uses KV head ``j // groups``, as ``repeat_kv``
+    does). On CPU this beats SDPA's ``enable_gqa`` and ``repeat_kv`` alike (README, "Engine speed").
+    ``attention_mask`` is boolean ``[B, 1|H_kv|H, 1, S]`` or None.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    packed = query.view(batch, kv_heads, heads // kv_heads, dim)
+    if attention_mask is not None and attention_mask.shape[1] == heads:
+        attention_mask = attention_mask.view(batch, kv_heads, heads // kv_heads, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        packed, key, value, attn_mask=attention_mask, scale=scaling, dropout_p=dropout if module.training else 0.0
+    )
+    return out.view(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
 def _kernel(module):
     return eager_attention if getattr(module.config, KERNEL_ATTR, "sdpa") == "eager" else sdpa_attention_forward
 
 
-def cached_attention(module, query, key, value, attention_mask, *args, kv_cache=None, kv_method=None, **kwargs):
-    # *args: wrappers such as kvpress' attention patch pass dropout positionally
+def cached_attention(module, query, key, value, attention_mask, dropout=0.0, kv_cache=None, kv_method=None, **kwargs):
+    # dropout may come positionally: wrappers such as kvpress' attention patch pass it so
     kernel = _kernel(module)
     if kv_cache is None:  # a plain forward: behave like the kernel itself
-        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+        return kernel(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     layer = module.layer_idx
     q_len, kv_len = query.shape[2], key.shape[2]
     extra = kv_method.visibility(kv_cache, layer) if kv_method is not None else None
@@ -55,9 +74,11 @@ def cached_attention(module, query, key, value, attention_mask, *args, kv_cache=
         mask = kv_cache.base_mask(layer)
         if extra is not None:
             mask = mask & extra
-        if mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head
-            mask = repeat_kv_heads(mask, query.shape[1] // mask.shape[1])
-    return kernel(module, query, key, value, mask, *args, **kwargs)
+    if kernel is sdpa_attention_forward and q_len == 1 and query.shape[1] > key.shape[1]:
+        return packed_decode_attention(module, query, key, value, mask, kwargs.get("scaling"), dropout)
+    if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head
+        mask = repeat_kv_heads(mask, query.shape[1] // mask.shape[1])
+    return kernel(module, query, key, value, mask, dropout=dropout, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_NAME, cached_attention)

@@ -8,6 +8,13 @@ stored length, so a method can delete entries anywhere without disturbing RoPE.
 
 Memory is really freed: :meth:`keep` replaces a layer's tensors by new, smaller ones and drops every
 reference to the old ones.
+
+Appending does not copy the layer every step (``torch.cat`` would, and at a few thousand entries that
+copy costs as much as the attention itself): each layer's keys and values live in an allocation with
+room for up to ``growth`` more entries, ``keys[l]`` / ``values[l]`` are views of its filled part, and a
+step writes its entries in place. When the room runs out the layer moves to a new allocation with
+``growth`` free slots. The prefill and every :meth:`keep` allocate exactly what they hold, so a
+layer never holds more than ``growth`` unused slots; :meth:`allocated_bytes` counts them.
 """
 
 from __future__ import annotations
@@ -17,15 +24,19 @@ from collections import Counter
 import torch
 
 PAD_POSITION = -1
+GROWTH = 32  # free slots a layer's allocation gets when appending runs out of room
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, growth: int = GROWTH):
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.growth = growth
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # views of the filled part of ...
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._key_store: list[torch.Tensor | None] = [None] * num_layers  # ... these allocations
+        self._value_store: list[torch.Tensor | None] = [None] * num_layers
         self.positions: list[torch.Tensor | None] = [None] * num_layers
         # Layers that were never pruned share one positions tensor (identity), so per-step work
         # (appending positions, masks, counting entries) is done once for all of them.
@@ -55,10 +66,10 @@ class KVCache:
         """Called by every attention layer: append this step's K/V, return what attention sees."""
         old_pos = self.positions[layer_idx]
         if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = key, value
+            self._set_layer(layer_idx, key, value)
         else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+            self.keys[layer_idx] = self._append(self._key_store, self.keys[layer_idx], key, layer_idx)
+            self.values[layer_idx] = self._append(self._value_store, self.values[layer_idx], value, layer_idx)
         if old_pos is None or old_pos is self._shared_before:
             self.positions[layer_idx] = self._shared_after
         else:
@@ -67,6 +78,23 @@ class KVCache:
                 step = step[:, None, :].expand(-1, old_pos.shape[1], -1)
             self.positions[layer_idx] = torch.cat([old_pos, step], dim=-1)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def _append(self, stores: list, held: torch.Tensor, new: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """``held`` (a view of ``stores[layer_idx]``) followed by ``new``, written in place when there is room."""
+        length, total = held.shape[-2], held.shape[-2] + new.shape[-2]
+        store = stores[layer_idx]
+        if store.shape[-2] < total:
+            shape = (*held.shape[:-2], total + self.growth, held.shape[-1])
+            store = held.new_empty(shape)
+            store[..., :length, :] = held
+            stores[layer_idx] = store
+        store[..., length:total, :] = new
+        return store[..., :total, :]
+
+    def _set_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly ``keys`` / ``values`` in the layer (no free slots); the old allocation is dropped."""
+        self.keys[layer_idx] = self._key_store[layer_idx] = keys
+        self.values[layer_idx] = self._value_store[layer_idx] = values
 
     # ------------------------------------------------------------------ pruning
     def keep(self, layer_idx: int, index: torch.Tensor) -> None:
@@ -85,8 +113,9 @@ class KVCache:
             if pos.dim() == 2:
                 pos = pos[:, None, :].expand(-1, keys.shape[1], -1)
             new_pos = torch.gather(pos, -1, index)
-        self.keys[layer_idx] = torch.gather(keys, 2, gather).contiguous()
-        self.values[layer_idx] = torch.gather(values, 2, gather).contiguous()
+        self._set_layer(
+            layer_idx, torch.gather(keys, 2, gather).contiguous(), torch.gather(values, 2, gather).contiguous()
+        )
         self.positions[layer_idx] = new_pos.contiguous()  # no longer shared
         self.prunes += 1
 
@@ -102,8 +131,8 @@ class KVCache:
             return remap[id(t)]
 
         for layer in range(self.num_layers):
-            self.keys[layer] = pick(self.keys[layer])
-            self.values[layer] = pick(self.values[layer])
+            if self.keys[layer] is not None:
+                self._set_layer(layer, pick(self.keys[layer]), pick(self.values[layer]))
             self.positions[layer] = pick(self.positions[layer])
         self._shared_after = pick(self._shared_after)
         self._shared_before = pick(self._shared_before)
@@ -140,8 +169,12 @@ class KVCache:
         return 2 * self.head_dim * first.element_size()
 
     def tensor_bytes(self) -> int:
-        """Bytes of the K/V tensors actually allocated (padding included)."""
+        """Bytes of the K/V tensors attention sees (padding included, free slots not)."""
         return sum(t.nbytes for t in self.keys + self.values if t is not None)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the K/V allocations: :meth:`tensor_bytes` plus at most ``growth`` free slots a layer."""
+        return sum(t.nbytes for t in self._key_store + self._value_store if t is not None)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen before the step being fed (transformers < 5.3 asks, to number the step)."""

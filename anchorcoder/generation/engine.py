@@ -93,7 +93,7 @@ class RunStats:
     decode_tokens: int = 0  # tokens produced by decode steps (the first token comes from prefill)
     generated_tokens: int = 0
     wall_s: float = 0.0
-    kv_tensor_bytes_peak: int = 0  # largest K/V allocation of any batch, padding included
+    kv_tensor_bytes_peak: int = 0  # largest K/V allocation of any batch, padding and free slots included
     cuda_prefill_max_allocated: int | None = None
     cuda_decode_max_allocated: int | None = None
 
@@ -238,7 +238,7 @@ class GenerationEngine:
 
     def _observe(self, cache: KVCache):
         cache.observe()
-        self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.tensor_bytes())
+        self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.allocated_bytes())
 
     def _left_pad(self, seqs: list[list[int]]):
         width = max(len(s) for s in seqs)
@@ -293,7 +293,7 @@ class GenerationEngine:
         if len(unique) != len(rows):  # one prefill per prompt, repeated for its samples
             expand = torch.tensor([unique.index(p) for p, _ in rows], device=self.device)
             cache.select_rows(expand)
-            self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.tensor_bytes())
+            self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.allocated_bytes())
             logits = logits[expand]
         self._sync()
         prefill_s = time.perf_counter() - t0
