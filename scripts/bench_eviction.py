@@ -9,6 +9,9 @@ reference), and through our bridge in our engine. Batch 1, greedy, EOS ignored, 
 generates exactly ``--new-tokens`` tokens. Within a round every method runs once;
 the order rotates from round to round, and each speed ratio is the median over rounds of the ratio
 within a round (this machine's speed drifts by 2x over minutes; paired ratios cancel most of it).
+Decode speed is read from the time between the starts of consecutive decode forwards (a hook on the
+model, the same for our engine and kvpress' loop, so each loop's own work between forwards counts):
+``decode tok/s`` is 1 / the median step, robust to a burst of load; the mean is in the JSON.
 
     python scripts/bench_eviction.py                                  # SmolLM2, contexts 512, 2k, 8k
     .venv-kvpress/bin/python scripts/bench_eviction.py                # the same, KnormPress included
@@ -22,15 +25,16 @@ Writes ``outputs/bench/eviction_<time>.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-import torch
 
 from anchorcoder.generation import GenerationEngine, GenerationSettings
 from anchorcoder.generation.engine import model_kv_shape
@@ -58,7 +62,11 @@ def methods(ratio: float) -> dict[str, dict]:
         import kvpress  # noqa: F401
 
         chosen[KVPRESS_PIPELINE.format(ratio)] = {"name": "kvpress-pipeline", "compression_ratio": ratio}
-        chosen[f"kvpress knorm {ratio} (our bridge)"] = {"name": "kvpress", "press": "knorm", "compression_ratio": ratio}
+        chosen[f"kvpress knorm {ratio} (our bridge)"] = {
+            "name": "kvpress",
+            "press": "knorm",
+            "compression_ratio": ratio,
+        }
     except ImportError:
         print("kvpress is not installed: KnormPress left out (make install-kvpress)")
     return chosen
@@ -72,6 +80,26 @@ def code_context(tokenizer, length: int) -> list[int]:
     while len(ids) < length:
         ids = ids + ids
     return ids[:length]
+
+
+@contextmanager
+def step_clock(model):
+    """Record the start time of every forward of ``model``: the steps of any decoding loop."""
+    starts: list[float] = []
+    handle = model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    try:
+        yield starts
+    finally:
+        handle.remove()
+
+
+def decode_speed(starts: list[float], new_tokens: int) -> dict:
+    """Tokens/s from the intervals between the last ``new_tokens - 1`` forward starts (decode steps only)."""
+    steps = [b - a for a, b in itertools.pairwise(starts[-(new_tokens - 1) :])]
+    return {
+        "decode_tokens_per_s": 1 / statistics.median(steps),
+        "decode_tokens_per_s_mean": len(steps) / sum(steps),
+    }
 
 
 def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: int) -> dict:
@@ -95,9 +123,8 @@ def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: in
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         model.generation_config.eos_token_id = []  # generate_answer stops at none
         try:
-            start = time.perf_counter()
-            pipe.generate_answer(question, cache, len(prompt) - 1, new_tokens)
-            decode_s = time.perf_counter() - start
+            with step_clock(model) as starts:
+                pipe.generate_answer(question, cache, len(prompt) - 1, new_tokens)
         finally:
             model.generation_config.eos_token_id = eos
     final = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -108,7 +135,7 @@ def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: in
     # figure counts prompt + new_tokens - 1: the same tokens
     return {
         "prefill_s": prefill_s,
-        "decode_tokens_per_s": new_tokens / decode_s,
+        **decode_speed(starts, new_tokens),
         "kv_bytes_final": final,
         "kv_bytes_peak": None,
         "kv_dense_bytes_final": dense,
@@ -123,11 +150,12 @@ def run_once(loaded, method_cfg: dict, prompt: list[int], new_tokens: int) -> di
     method.prepare(loaded.model, loaded.tokenizer)
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
     engine = GenerationEngine(loaded.model, loaded.tokenizer, method, settings)
-    result = engine.generate([prompt])[0]
+    with step_clock(loaded.model) as starts:
+        result = engine.generate([prompt])[0]
     stats = engine.stats
     return {
         "prefill_s": stats.prefill_s[0],
-        "decode_tokens_per_s": stats.decode_tokens / stats.decode_s,
+        **decode_speed(starts, new_tokens),
         "kv_bytes_final": result.kv.bytes_final,
         "kv_bytes_peak": result.kv.bytes_peak,
         "kv_dense_bytes_final": result.kv.dense_bytes_final,

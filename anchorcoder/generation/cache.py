@@ -37,11 +37,13 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._key_store: list[torch.Tensor | None] = [None] * num_layers  # ... these allocations
         self._value_store: list[torch.Tensor | None] = [None] * num_layers
+        self._position_store: list[torch.Tensor | None] = [None] * num_layers  # of pruned layers' positions
         self.positions: list[torch.Tensor | None] = [None] * num_layers
         # Layers that were never pruned share one positions tensor (identity), so per-step work
         # (appending positions, masks, counting entries) is done once for all of them.
         self._shared_before: torch.Tensor | None = None
         self._shared_after: torch.Tensor | None = None
+        self._shared_store: torch.Tensor | None = None
         self.step_positions: torch.Tensor | None = None  # [B, Q] positions of the tokens being fed
         self.phase = "prefill"  # of the step being fed: "prefill" | "decode"
         self.has_padding = False
@@ -57,9 +59,12 @@ class KVCache:
         self.phase = phase
         self.has_padding = self.has_padding or bool((positions < 0).any())
         self._shared_before = self._shared_after
-        self._shared_after = (
-            positions if self._shared_before is None else torch.cat([self._shared_before, positions], -1)
-        )
+        if self._shared_before is None:
+            self._shared_store = self._shared_after = positions
+        else:
+            self._shared_store, self._shared_after = self._append(
+                self._shared_store, self._shared_before, positions, -1
+            )
         self._memo.clear()
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -68,28 +73,36 @@ class KVCache:
         if self.keys[layer_idx] is None:
             self._set_layer(layer_idx, key, value)
         else:
-            self.keys[layer_idx] = self._append(self._key_store, self.keys[layer_idx], key, layer_idx)
-            self.values[layer_idx] = self._append(self._value_store, self.values[layer_idx], value, layer_idx)
+            self._key_store[layer_idx], self.keys[layer_idx] = self._append(
+                self._key_store[layer_idx], self.keys[layer_idx], key, -2
+            )
+            self._value_store[layer_idx], self.values[layer_idx] = self._append(
+                self._value_store[layer_idx], self.values[layer_idx], value, -2
+            )
         if old_pos is None or old_pos is self._shared_before:
             self.positions[layer_idx] = self._shared_after
         else:
             step = self.step_positions
             if old_pos.dim() == 3:
                 step = step[:, None, :].expand(-1, old_pos.shape[1], -1)
-            self.positions[layer_idx] = torch.cat([old_pos, step], dim=-1)
+            self._position_store[layer_idx], self.positions[layer_idx] = self._append(
+                self._position_store[layer_idx], old_pos, step, -1
+            )
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def _append(self, stores: list, held: torch.Tensor, new: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """``held`` (a view of ``stores[layer_idx]``) followed by ``new``, written in place when there is room."""
-        length, total = held.shape[-2], held.shape[-2] + new.shape[-2]
-        store = stores[layer_idx]
-        if store.shape[-2] < total:
-            shape = (*held.shape[:-2], total + self.growth, held.shape[-1])
+    def _append(self, store: torch.Tensor, held: torch.Tensor, new: torch.Tensor, dim: int):
+        """``held`` (a leading view of ``store`` along ``dim``) followed by ``new``: (store, view).
+
+        Written in place when ``store`` has room; otherwise a new store with ``growth`` free slots.
+        """
+        length, total = held.shape[dim], held.shape[dim] + new.shape[dim]
+        if store.shape[dim] < total:
+            shape = list(held.shape)
+            shape[dim] = total + self.growth
             store = held.new_empty(shape)
-            store[..., :length, :] = held
-            stores[layer_idx] = store
-        store[..., length:total, :] = new
-        return store[..., :total, :]
+            store.narrow(dim, 0, length).copy_(held)
+        store.narrow(dim, length, new.shape[dim]).copy_(new)
+        return store, store.narrow(dim, 0, total)
 
     def _set_layer(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Hold exactly ``keys`` / ``values`` in the layer (no free slots); the old allocation is dropped."""
@@ -116,7 +129,7 @@ class KVCache:
         self._set_layer(
             layer_idx, torch.gather(keys, 2, gather).contiguous(), torch.gather(values, 2, gather).contiguous()
         )
-        self.positions[layer_idx] = new_pos.contiguous()  # no longer shared
+        self.positions[layer_idx] = self._position_store[layer_idx] = new_pos.contiguous()  # no longer shared
         self.prunes += 1
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -133,8 +146,8 @@ class KVCache:
         for layer in range(self.num_layers):
             if self.keys[layer] is not None:
                 self._set_layer(layer, pick(self.keys[layer]), pick(self.values[layer]))
-            self.positions[layer] = pick(self.positions[layer])
-        self._shared_after = pick(self._shared_after)
+            self.positions[layer] = self._position_store[layer] = pick(self.positions[layer])
+        self._shared_after = self._shared_store = pick(self._shared_after)
         self._shared_before = pick(self._shared_before)
         self.step_positions = pick(self.step_positions)
         self.peak_entries = pick(self.peak_entries)
@@ -146,6 +159,14 @@ class KVCache:
     # ------------------------------------------------------------------ measuring
     def entries_per_row(self) -> torch.Tensor:
         """Real K/V entries held per row: sum over layers and KV heads of non-padding positions."""
+        if not self.has_padding:  # every entry is a real token: count by shape, no tensor work
+            batch = next(p for p in self.positions if p is not None).shape[0]
+            per_row = sum(
+                p.shape[-1] * (p.shape[1] if p.dim() == 3 else self.num_kv_heads)
+                for p in self.positions
+                if p is not None
+            )
+            return torch.full((batch,), per_row, dtype=torch.long, device=self.positions[0].device)
         uses = Counter(id(p) for p in self.positions if p is not None)
         by_id = {id(p): p for p in self.positions if p is not None}
         total = None
