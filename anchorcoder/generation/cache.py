@@ -160,13 +160,13 @@ class KVCache:
     def entries_per_row(self) -> torch.Tensor:
         """Real K/V entries held per row: sum over layers and KV heads of non-padding positions."""
         if not self.has_padding:  # every entry is a real token: count by shape, no tensor work
-            batch = next(p for p in self.positions if p is not None).shape[0]
+            first = next(p for p in self.positions if p is not None)
             per_row = sum(
                 p.shape[-1] * (p.shape[1] if p.dim() == 3 else self.num_kv_heads)
                 for p in self.positions
                 if p is not None
             )
-            return torch.full((batch,), per_row, dtype=torch.long, device=self.positions[0].device)
+            return torch.full((first.shape[0],), per_row, dtype=torch.long, device=first.device)
         uses = Counter(id(p) for p in self.positions if p is not None)
         by_id = {id(p): p for p in self.positions if p is not None}
         total = None
