@@ -206,13 +206,25 @@ def test_continuation_keeps_the_leading_space_of_sentencepiece_decoders():
     assert GenerationEngine._decode_continuation(engine, [4, 5], [1, 2, 3]) == "    return x"  # 3 + 1 spaces
 
 
+@pytest.mark.parametrize("transposed_output", [False, True])
 @pytest.mark.parametrize("mask_heads", [None, 1, 2, 6])
-def test_packed_decode_attention_equals_repeated_kv_heads(mask_heads):
-    """One query per row, 6 query heads on 2 KV heads: packing the groups == repeating K/V (eager)."""
+def test_packed_decode_attention_equals_repeated_kv_heads(mask_heads, transposed_output, monkeypatch):
+    """One query per row, 6 query heads on 2 KV heads: packing the groups == repeating K/V (eager).
+
+    ``transposed_output``: SDPA returns its output stored as [B, G, H_kv, D] (CUDA's memory-efficient
+    kernel does), which a ``view`` of the result cannot take.
+    """
     from types import SimpleNamespace
 
     from anchorcoder.generation.attention import eager_attention, packed_decode_attention
 
+    if transposed_output:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2),
+        )
     torch.manual_seed(0)
     module = SimpleNamespace(training=False)
     query, key, value = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 11, 8), torch.randn(3, 2, 11, 8)

@@ -46,13 +46,14 @@ def packed_decode_attention(module, query, key, value, attention_mask, scaling, 
     """
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    packed = query.view(batch, kv_heads, heads // kv_heads, dim)
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     if attention_mask is not None and attention_mask.shape[1] == heads:
-        attention_mask = attention_mask.view(batch, kv_heads, heads // kv_heads, -1)
+        attention_mask = attention_mask.reshape(batch, kv_heads, heads // kv_heads, -1)
     out = torch.nn.functional.scaled_dot_product_attention(
         packed, key, value, attn_mask=attention_mask, scale=scaling, dropout_p=dropout if module.training else 0.0
     )
-    return out.view(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    # reshape, not view: some SDPA kernels (CUDA memory-efficient) return [B, G, H_kv, D] transposed
+    return out.reshape(batch, 1, heads, dim), None
 
 
 def _kernel(module):

@@ -143,11 +143,13 @@ class KVCache:
                 remap[id(t)] = t.index_select(0, rows)
             return remap[id(t)]
 
+        self._shared_after = self._shared_store = pick(self._shared_after)
         for layer in range(self.num_layers):
             if self.keys[layer] is not None:
                 self._set_layer(layer, pick(self.keys[layer]), pick(self.values[layer]))
-            self.positions[layer] = self._position_store[layer] = pick(self.positions[layer])
-        self._shared_after = self._shared_store = pick(self._shared_after)
+            self.positions[layer] = pick(self.positions[layer])
+            own = self.positions[layer] is not self._shared_after
+            self._position_store[layer] = self.positions[layer] if own else None
         self._shared_before = pick(self._shared_before)
         self.step_positions = pick(self.step_positions)
         self.peak_entries = pick(self.peak_entries)
