@@ -42,7 +42,6 @@ from anchorcoder.methods import build_method
 from anchorcoder.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-KVPRESS_PIPELINE = "kvpress knorm {} (kvpress pipeline)"  # the reference of the "× knorm" column
 
 
 def methods(ratio: float) -> dict[str, dict]:
@@ -61,7 +60,8 @@ def methods(ratio: float) -> dict[str, dict]:
     try:
         import kvpress  # noqa: F401
 
-        chosen[KVPRESS_PIPELINE.format(ratio)] = {"name": "kvpress-pipeline", "compression_ratio": ratio}
+        # KnormPress in kvpress' own pipeline: the reference of the "× knorm" column
+        chosen[f"kvpress knorm {ratio} (kvpress pipeline)"] = {"name": "kvpress-pipeline", "compression_ratio": ratio}
         chosen[f"kvpress knorm {ratio} (our bridge)"] = {
             "name": "kvpress",
             "press": "knorm",
@@ -130,10 +130,11 @@ def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: in
             model.generation_config.eos_token_id = eos
     final = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     layers, heads, head_dim = model_kv_shape(model)
-    dense = 2 * layers * heads * head_dim * model.dtype.itemsize * (len(prompt) + new_tokens - 1)
-    assert final == held + 2 * layers * heads * head_dim * model.dtype.itemsize * new_tokens  # what was fed
-    # it feeds the question token and the first new_tokens - 1 generated ones; the engine's final
-    # figure counts prompt + new_tokens - 1: the same tokens
+    per_token = 2 * layers * heads * head_dim * model.dtype.itemsize
+    # it fed the question token and new_tokens - 1 generated ones, uncompressed; held at the end:
+    # prompt + new_tokens - 1 tokens, as the engine counts them
+    assert final == held + per_token * new_tokens
+    dense = per_token * (len(prompt) + new_tokens - 1)
     return {
         "prefill_s": prefill_s,
         **decode_speed(starts, new_tokens),
@@ -195,7 +196,7 @@ def summarise(report: dict) -> tuple[list[str], dict]:
                 "kv_bytes_final": runs[0]["kv_bytes_final"],
                 "kv_dense_bytes_final": runs[0]["kv_dense_bytes_final"],
             }
-        knorm = next((k for k in rows if k.endswith("(kvpress pipeline)")), None)
+        knorm = next((k for k in rows if report["methods"][k]["name"] == "kvpress-pipeline"), None)
         for label, row in rows.items():
             speed = row["decode_tokens_per_s"]
             row["x_dense"] = paired_ratio(report["runs"], context, label, "dense")

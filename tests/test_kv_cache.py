@@ -216,7 +216,7 @@ def test_packed_decode_attention_equals_repeated_kv_heads(mask_heads, transposed
     """
     from types import SimpleNamespace
 
-    from anchorcoder.generation.attention import eager_attention, packed_decode_attention
+    from anchorcoder.generation.attention import eager_attention, packed_decode_attention, repeat_kv_heads
 
     if transposed_output:
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -232,9 +232,7 @@ def test_packed_decode_attention_equals_repeated_kv_heads(mask_heads, transposed
     if mask is not None:
         mask[..., 0] = True  # no empty row
     ours, _ = packed_decode_attention(module, query, key, value, mask, 0.3)
-    full_mask = None if mask is None else mask.expand(-1, 6, -1, -1) if mask_heads == 1 else mask
-    if mask_heads == 2:
-        full_mask = mask.repeat_interleave(3, dim=1)
+    full_mask = None if mask is None else repeat_kv_heads(mask, 6 // mask_heads)
     reference, _ = eager_attention(module, query, key, value, full_mask, 0.3)
     assert ours.shape == reference.shape == (3, 1, 6, 8)
     assert (ours - reference).abs().max().item() < 1e-5
