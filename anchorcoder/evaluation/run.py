@@ -209,7 +209,7 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
 
         problems = benchmark.problems(tokenizer)
         prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]
-        prompt_ids = [tokenizer(text, add_special_tokens=(style == "completion")).input_ids for text in prompts]
+        prompt_ids = [method.encode(tokenizer, text, add_special_tokens=(style == "completion")) for text in prompts]
         targets = None
         if benchmark.kind == "perplexity":
             targets = [tokenizer(p.data["target"], add_special_tokens=False).input_ids for p in problems]

@@ -132,6 +132,31 @@ class KVCache:
         self.positions[layer_idx] = self._position_store[layer_idx] = new_pos.contiguous()  # no longer shared
         self.prunes += 1
 
+    def keep_all(self, index: torch.Tensor) -> None:
+        """Keep entries ``index`` ``[B, S']`` in every layer (all layers must hold the same entries).
+
+        ``-1`` in ``index`` makes a padding entry (position ``-1``), so rows that keep different
+        numbers of entries share one rectangle; put them first, as left padding. Unlike per-layer
+        :meth:`keep`, the layers keep sharing one positions tensor, so per-step work stays once per step.
+        """
+        lengths = {self.layer_length(layer) for layer in range(self.num_layers)}
+        if len(lengths) != 1 or self._shared_after is None or any(p is not self._shared_after for p in self.positions):
+            raise ValueError("keep_all needs every layer to hold the same entries (shared positions)")
+        filler = index < 0
+        safe = index.clamp(min=0)
+        gather = None
+        for layer in range(self.num_layers):
+            keys, values = self.keys[layer], self.values[layer]
+            if gather is None:
+                gather = safe[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+            self._set_layer(layer, torch.gather(keys, 2, gather), torch.gather(values, 2, gather))
+        positions = torch.gather(self._shared_after, -1, safe).masked_fill(filler, PAD_POSITION)
+        self._shared_after = self._shared_store = positions
+        self.positions = [positions] * self.num_layers
+        self.has_padding = self.has_padding or bool(filler.any())
+        self.prunes += 1
+        self._memo.clear()
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows ``rows`` (drop finished sequences, or repeat a prefilled prompt)."""
         remap: dict[int, torch.Tensor] = {}

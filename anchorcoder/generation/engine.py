@@ -145,6 +145,7 @@ def forward_with_cache(
     The model's attention must be routed through :func:`engine_attention`.
     """
     cache.begin_step(positions, phase)
+    method.before_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
     return model(
         input_ids=input_ids,
         position_ids=positions.clamp(min=0),
@@ -154,6 +155,28 @@ def forward_with_cache(
         kv_cache=cache,
         kv_method=method,
     )
+
+
+def incremental_logits(model, method: KVMethod, input_ids: torch.Tensor, chunks: list[int], observe=None):
+    """Logits ``[B, T, V]`` of feeding ``input_ids`` ``[B, T]`` in chunks (e.g. ``[prompt, 1, 1, ...]``)
+    through a :class:`KVCache`, the method pruning after every chunk: what a trained method's masked
+    forward must reproduce. ``observe(cache, end)`` is called after each chunk's pruning."""
+    if sum(chunks) != input_ids.shape[1] or min(chunks) < 1:
+        raise ValueError(f"chunks {chunks} must be positive and sum to the sequence length {input_ids.shape[1]}")
+    cache = KVCache(*model_kv_shape(model))
+    logits, start = [], 0
+    with engine_attention(model), torch.inference_mode():
+        for size in chunks:
+            ids = input_ids[:, start : start + size]
+            positions = torch.arange(start, start + size, device=ids.device).expand_as(ids)
+            phase = "prefill" if start == 0 else "decode"
+            out = forward_with_cache(model, cache, method, ids, positions, phase=phase).logits
+            logits.append(out.to(torch.promote_types(out.dtype, torch.float32)))
+            method.after_step(cache, StepInfo(input_ids=ids, positions=positions, phase=phase))
+            start += size
+            if observe is not None:
+                observe(cache, start)
+    return torch.cat(logits, dim=1)
 
 
 class GenerationEngine:
@@ -256,6 +279,10 @@ class GenerationEngine:
         (Llama / CodeLlama strip one at the start of a string); a few tokens of context avoid that.
         Special tokens are kept so stop strings such as ``<|`` see them.
         """
+        hidden = self.method.hidden_token_ids  # tokens a method inserts (e.g. AnLLM's <AC>) never reach text
+        if hidden:
+            context = [t for t in context if t not in hidden]
+            tokens = [t for t in tokens if t not in hidden]
         context = context[-CONTEXT_TOKENS:]
         head = self.tokenizer.decode(context, skip_special_tokens=False)
         full = self.tokenizer.decode(context + tokens, skip_special_tokens=False)

@@ -2,14 +2,21 @@
 
 Inference face (used by the generation engine), each an override point with a no-op default:
 
-- :meth:`prepare`   once per model: add tokens, scan the vocabulary, check the architecture;
-- :meth:`visibility` per layer and step: which cached entries the current queries may see, as a
+- :meth:`prepare`     once per model: add tokens, scan the vocabulary, check the architecture;
+- :meth:`encode`      text -> token ids (a method may insert anchor tokens, e.g. AnLLM-AC's ``<AC>``);
+- :meth:`before_step` before every prefill / decode forward: note what is being fed;
+- :meth:`visibility`  per layer and step: which cached entries the current queries may see, as a
   boolean mask combined (AND) with causality and padding, or None for "all of them";
-- :meth:`after_step` after every prefill / decode forward: what stays in the cache
+- :meth:`after_step`  after every prefill / decode forward: what stays in the cache
   (:meth:`KVCache.keep` really frees the rest).
 
-Positions are absolute (tokens seen), whatever a layer's stored length. The training face (token
-insertion, labels, the training mask) joins this contract with the first trained method.
+``hidden_token_ids`` (filled by :meth:`prepare`) are tokens the method adds to the stream that never
+reach decoded text.
+
+Positions are absolute (tokens seen), whatever a layer's stored length. Trained methods add a
+training face (see :class:`anchorcoder.methods.anchors.AnchorMethod`): the same token insertion,
+labels and the attention mask of one full forward, tied to the inference face by the invariant that
+the masked forward and incremental decoding with real deletion give the same logits.
 """
 
 from __future__ import annotations
@@ -39,9 +46,17 @@ class KVMethod:
     name: ClassVar[str] = "base"
     trained: ClassVar[bool] = False  # whether the method needs fine-tuning to keep quality
     handles_padding: ClassVar[bool] = True  # False: left-padded batches are refused (batch_size must be 1)
+    hidden_token_ids: ClassVar[frozenset[int]] = frozenset()  # set per instance by prepare()
 
     def prepare(self, model, tokenizer) -> None:
         """Adapt model and tokenizer once (e.g. add an anchor token)."""
+
+    def encode(self, tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt."""
+        return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def before_step(self, cache: KVCache, step: StepInfo) -> None:
+        """Called with what is about to be fed, before the forward."""
 
     def visibility(self, cache: KVCache, layer_idx: int) -> torch.Tensor | None:
         """Extra boolean mask ``[B, 1|H_kv, Q, S_l]`` for this layer's attention, or None."""

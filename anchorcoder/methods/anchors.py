@@ -1,0 +1,242 @@
+"""Anchor-token methods: segments closed by anchors, cache = past anchors + the open segment.
+
+Shared by AnLLM (Pang et al., Findings of ACL 2024, "Anchor-based Large Language Models": sentence
+anchors) and AnchorCoder (Zhang et al. 2024: line anchors). One visibility rule serves both faces:
+
+- ``seg(i)`` = anchors strictly before ``i`` (an anchor belongs to the segment it closes);
+- a non-anchor query sees its own segment and every earlier anchor; an anchor query sees only its own
+  segment (causally, itself included); the first ``sink_tokens`` positions are visible to all.
+
+**Training face**: :meth:`AnchorMethod.encode` (anchor insertion), :meth:`AnchorMethod.training_batch`
+(ids, absolute positions, labels, padding), :meth:`AnchorMethod.attention_mask` (boolean
+``[B, 1, T, T]`` for SDPA, built by broadcasting segment ids, no loop over token pairs) and
+:meth:`AnchorMethod.block_mask` (the same rule as a FlexAttention ``mask_mod``); :func:`masked_forward`
+runs a model under it with whichever attention the model uses.
+
+**Inference face**: :meth:`AnchorMethod.before_step` tracks each fed token's segment and anchor flag;
+:meth:`AnchorMethod.visibility` hides what the rule hides (only needed when the step feeds an anchor:
+otherwise the pruned cache holds exactly what the query may see); :meth:`AnchorMethod.after_step`
+keeps ``{sinks} ∪ {anchors} ∪ {tokens after the last anchor}`` in every layer with real deletion.
+Rows of a batch prune differently: shorter rows are left-filled with padding entries.
+
+The invariant (tests): one masked forward gives the logits of incremental decoding with deletion.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from anchorcoder.methods.base import KVMethod, StepInfo
+from anchorcoder.registry import ConfigError
+
+if TYPE_CHECKING:  # the engine imports the method contract; avoid the cycle
+    from anchorcoder.generation.cache import KVCache
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # labels that take no loss (padding)
+OPEN_SEGMENT, KEY_SEGMENT, KEY_ANCHOR, STEP = "anchor/open", "anchor/key_seg", "anchor/key_anchor", "anchor/step"
+
+
+def segment_ids(is_anchor: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Segment of every token ``[B, T]``: ``start`` + anchors strictly before it in the row."""
+    a = is_anchor.long()
+    start = start[:, None] if isinstance(start, torch.Tensor) else start
+    return start + a.cumsum(-1) - a
+
+
+def anchor_rule(q_seg, q_anchor, k_seg, k_anchor, k_pos, sink_tokens: int = 0) -> torch.Tensor:
+    """Who may see whom, causality and padding aside; arguments broadcast (queries ``[..., Q, 1]``,
+    keys ``[..., 1, S]``)."""
+    visible = (q_seg == k_seg) | (k_anchor & ~q_anchor & (k_seg < q_seg))
+    if sink_tokens:
+        visible = visible | ((k_pos >= 0) & (k_pos < sink_tokens))
+    return visible
+
+
+@dataclass
+class AnchorMethod(KVMethod):
+    """Base of the anchor methods: a subclass says which tokens are anchors (and may insert some)."""
+
+    name: ClassVar[str] = "anchor_base"
+    trained: ClassVar[bool] = True
+
+    sink_tokens: int = 0  # first N positions always visible and never evicted (0 = AnLLM: BOS is dropped)
+
+    def __post_init__(self):
+        if self.sink_tokens < 0:
+            raise ConfigError(f"method.sink_tokens of method={self.name} must be >= 0, got {self.sink_tokens}")
+        self._anchor_ids: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ override points
+    def find_anchor_ids(self, model, tokenizer) -> list[int]:
+        """Token ids that are anchors (called once by :meth:`prepare`)."""
+        raise NotImplementedError
+
+    def insert_anchors(self, text: str) -> str:
+        """Text with inserted anchor tokens (methods that insert them)."""
+        return text
+
+    # ------------------------------------------------------------------ shared
+    def prepare(self, model, tokenizer) -> None:
+        ids = sorted(set(self.find_anchor_ids(model, tokenizer)))
+        if not ids:
+            raise ConfigError(f"method={self.name}: the tokenizer has no anchor token")
+        shown = ", ".join(f"{i}={tokenizer.decode([i])!r}" for i in ids[:20])
+        log.info("%s: %d anchor token id(s): %s%s", self.name, len(ids), shown, " ..." if len(ids) > 20 else "")
+        self._anchor_ids = torch.tensor(ids, dtype=torch.long)
+
+    @property
+    def anchor_ids(self) -> list[int]:
+        return self._require_prepared().tolist()
+
+    def _require_prepared(self) -> torch.Tensor:
+        if self._anchor_ids is None:
+            raise RuntimeError(f"method={self.name}: call prepare(model, tokenizer) first")
+        return self._anchor_ids
+
+    def is_anchor(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = self._require_prepared()
+        if ids.device != input_ids.device:
+            self._anchor_ids = ids = ids.to(input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def encode(self, tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+        return tokenizer(self.insert_anchors(text), add_special_tokens=add_special_tokens).input_ids
+
+    # ------------------------------------------------------------------ training face
+    def training_batch(self, sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``padding_mask`` (True = real), absolute ``position_ids`` and
+        ``labels`` (every real token, anchors included, so the model learns to emit them)."""
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        padding_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+        for r, s in enumerate(sequences):
+            input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            padding_mask[r, : len(s)] = True
+        return {
+            "input_ids": input_ids,
+            "padding_mask": padding_mask,
+            "position_ids": (padding_mask.long().cumsum(-1) - 1).clamp(min=0),
+            "labels": input_ids.masked_fill(~padding_mask, IGNORE_INDEX),
+        }
+
+    def _training_tokens(self, input_ids, padding_mask):
+        real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+        anchor = self.is_anchor(input_ids) & real
+        positions = real.long().cumsum(-1) - 1
+        return real, anchor, segment_ids(anchor), positions.masked_fill(~real, -1)
+
+    def attention_mask(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean ``[B, 1, T, T]`` (True = visible) of the rule; padding sees only itself (no empty row)."""
+        real, anchor, seg, pos = self._training_tokens(input_ids, padding_mask)
+        index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        causal = index[None, :] <= index[:, None]
+        visible = anchor_rule(
+            seg[:, :, None], anchor[:, :, None], seg[:, None, :], anchor[:, None, :], pos[:, None, :], self.sink_tokens
+        )
+        visible = visible & causal & real[:, :, None] & real[:, None, :]
+        visible = visible | ((index[:, None] == index[None, :]) & ~real[:, :, None])
+        return visible[:, None]
+
+    def block_mask(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None, block_size: int = 128):
+        """The same rule as a FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        real, anchor, seg, pos = self._training_tokens(input_ids, padding_mask)
+        sink = self.sink_tokens
+
+        def mask_mod(b, h, q, k):
+            rule = anchor_rule(seg[b, q], anchor[b, q], seg[b, k], anchor[b, k], pos[b, k], sink)
+            return (rule & (k <= q) & real[b, q] & real[b, k]) | ((q == k) & ~real[b, q])
+
+        batch, length = input_ids.shape
+        return create_block_mask(
+            mask_mod, batch, None, length, length, device=str(input_ids.device), BLOCK_SIZE=block_size
+        )
+
+    # ------------------------------------------------------------------ inference face
+    def before_step(self, cache: KVCache, step: StepInfo) -> None:
+        state = cache.method_state
+        real = step.positions >= 0
+        q_anchor = self.is_anchor(step.input_ids) & real
+        open_seg = state.get(OPEN_SEGMENT)
+        if open_seg is None:
+            open_seg = torch.zeros(q_anchor.shape[0], dtype=torch.long, device=q_anchor.device)
+        q_seg = segment_ids(q_anchor, open_seg)
+        state[OPEN_SEGMENT] = open_seg + q_anchor.sum(-1)
+        if KEY_SEGMENT in state:
+            state[KEY_SEGMENT] = torch.cat([state[KEY_SEGMENT], q_seg], dim=-1)
+            state[KEY_ANCHOR] = torch.cat([state[KEY_ANCHOR], q_anchor], dim=-1)
+        else:
+            state[KEY_SEGMENT], state[KEY_ANCHOR] = q_seg, q_anchor
+        # not a tensor, so select_rows leaves it alone; it is rebuilt every step
+        state[STEP] = {"seg": q_seg, "anchor": q_anchor, "fed_anchor": bool(q_anchor.any()), "mask": None}
+
+    def visibility(self, cache: KVCache, layer_idx: int) -> torch.Tensor | None:
+        step = cache.method_state[STEP]
+        if not step["fed_anchor"]:
+            return None  # the pruned cache holds earlier anchors, the open segment and sinks: all visible
+        if step["mask"] is None:  # the same for every layer: they hold the same entries
+            state = cache.method_state
+            k_pos = cache.positions[layer_idx]
+            if k_pos.shape != state[KEY_SEGMENT].shape:
+                raise RuntimeError(f"method={self.name}: the cache and the anchor bookkeeping disagree")
+            q_real = cache.step_positions >= 0
+            rule = anchor_rule(
+                step["seg"][:, :, None], step["anchor"][:, :, None],
+                state[KEY_SEGMENT][:, None, :], state[KEY_ANCHOR][:, None, :], k_pos[:, None, :], self.sink_tokens,
+            )  # fmt: skip
+            step["mask"] = (rule | ~q_real[:, :, None] | (k_pos < 0)[:, None, :])[:, None]  # padding: the cache's rule
+        return step["mask"]
+
+    def after_step(self, cache: KVCache, step: StepInfo) -> None:
+        state = cache.method_state
+        if not state[STEP]["fed_anchor"]:
+            return  # nothing closed: everything held is still visible to what comes next
+        k_pos = cache.positions[0]
+        keep = state[KEY_ANCHOR] | (state[KEY_SEGMENT] == state[OPEN_SEGMENT][:, None])
+        if self.sink_tokens:
+            keep = keep | (k_pos < self.sink_tokens)
+        keep = keep & (k_pos >= 0)
+        if bool(keep.all()):
+            return
+        kept = keep.sum(-1)
+        length, width = keep.shape[-1], int(kept.max())
+        # kept entries in order, right-aligned; shorter rows are left-filled with padding (-1)
+        order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, length - width :]
+        filler = torch.arange(width, device=keep.device)[None, :] < (width - kept)[:, None]
+        index = order.masked_fill(filler, -1)
+        cache.keep_all(index)
+        safe = index.clamp(min=0)
+        state[KEY_SEGMENT] = torch.gather(state[KEY_SEGMENT], -1, safe).masked_fill(filler, -1)
+        state[KEY_ANCHOR] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
+
+
+def kept_count(is_anchor: list[bool], sink_tokens: int = 0) -> int:
+    """Entries per layer and KV head the rule keeps after a stream (a check for tests and scripts)."""
+    last = max((i for i, a in enumerate(is_anchor) if a), default=-1)
+    kept = sum(1 for i, a in enumerate(is_anchor) if a or i > last or i < sink_tokens)
+    return kept
+
+
+def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding_mask=None, **kwargs):
+    """One forward of ``input_ids`` under the method's training mask, in the model's attention
+    implementation: a boolean mask for ``sdpa``, additive for ``eager``, a BlockMask for ``flex_attention``."""
+    impl = model.config._attn_implementation
+    if impl == "flex_attention":
+        mask = method.block_mask(input_ids, padding_mask)
+    else:
+        mask = method.attention_mask(input_ids, padding_mask)
+        if impl == "eager":
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        elif impl != "sdpa":
+            raise ConfigError(f"anchor masks need attention sdpa, eager or flex_attention; the model uses '{impl}'")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)

