@@ -54,7 +54,7 @@ def test_every_group_option_validates(group):
 def test_bad_values_name_their_key():
     with pytest.raises(ConfigError, match=r"benchmark.limit"):
         validate(compose_config(overrides=["benchmark.limit=0"]))
-    with pytest.raises(ConfigError, match=r"Unknown method 'nope'.*Valid: dense"):
+    with pytest.raises(ConfigError, match=r"Unknown method 'nope'.*Valid: anllm, dense"):
         validate(compose_config(overrides=["method.name=nope"]))
     with pytest.raises(ConfigError, match=r"method.window"):
         validate(compose_config(overrides=["+method.window=3"]))

@@ -16,6 +16,7 @@ Re-running into the same folder (``hydra.run.dir=<folder>``) skips the samples a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -38,6 +39,8 @@ from anchorcoder.models import check_model_config, load_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.reporting import kv_and_speed_metrics, print_table
 from anchorcoder.tracking import Tracker, build_tracker
+
+log = logging.getLogger(__name__)
 
 # Keys that may differ when resuming into a run folder: they do not change any sample.
 RESUME_IGNORES = (
@@ -206,6 +209,12 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         info["benchmark"] = {**benchmark.describe(), "prompt_style": style}
         write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
+        if method.trained:
+            log.warning(
+                "method=%s is meant for a model fine-tuned under it (train.py); a model that was not "
+                "keeps its cache figures but loses quality",
+                method.name,
+            )
 
         problems = benchmark.problems(tokenizer)
         prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]

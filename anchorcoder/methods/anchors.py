@@ -225,18 +225,20 @@ def kept_count(is_anchor: list[bool], sink_tokens: int = 0) -> int:
 
 
 def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding_mask=None, **kwargs):
-    """One forward of ``input_ids`` under the method's training mask, in the model's attention
-    implementation: a boolean mask for ``sdpa``, additive for ``eager``, a BlockMask for ``flex_attention``."""
-    impl = model.config._attn_implementation
-    if impl == "flex_attention":
-        mask = method.block_mask(input_ids, padding_mask)
-    else:
-        mask = method.attention_mask(input_ids, padding_mask)
-        if impl == "eager":
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        elif impl != "sdpa":
-            raise ConfigError(f"anchor masks need attention sdpa, eager or flex_attention; the model uses '{impl}'")
+    """One forward of ``input_ids`` under the method's training mask, at absolute positions.
+
+    With ``flex_attention`` models the mask is a FlexAttention BlockMask; otherwise the boolean mask
+    goes through our attention function (:func:`~anchorcoder.generation.attention.engine_attention`,
+    with the model's ``sdpa`` or ``eager`` kernel), which skips the blocks above the diagonal.
+    """
+    from anchorcoder.generation.attention import engine_attention
+
+    kwargs.setdefault("use_cache", False)
     real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+    if model.config._attn_implementation == "flex_attention":
+        mask = method.block_mask(input_ids, padding_mask)
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+    mask = method.attention_mask(input_ids, padding_mask)
+    with engine_attention(model):
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
