@@ -2,8 +2,7 @@
 
 1. Mask construction for ``--length`` tokens of real code (HumanEval prompts + solutions with AnLLM-AC's
    ``<AC>`` inserted): the boolean ``[1, 1, T, T]`` mask for SDPA and the FlexAttention BlockMask. Time
-   is the median of ``--rounds``; memory is the peak resident-set growth of a fresh process that builds
-   only the mask (CPU torch has no allocator statistics).
+   is the median of ``--rounds``; memory is the peak resident-set growth while one is built.
 2. A training-style forward (the whole sequence at once, as the trainer runs it) of the model under
    the mask (``masked_forward``: mask built inside, SDPA with the boolean mask) against a plain causal
    forward (SDPA ``is_causal``) of the same model on the same tokens. Rounds alternate the two; the
@@ -20,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import resource
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -48,28 +47,31 @@ def code_tokens(method, tokenizer, length: int) -> torch.Tensor:
     return torch.tensor([ids[:length]])
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _mask_memory_child(ids: torch.Tensor, anchor_ids: list[int], kind: str, queue) -> None:
-    method = build_method(METHOD)
-    method._anchor_ids = torch.tensor(anchor_ids)
-    method.attention_mask(ids[:, :64])  # warm up torch's lazy initialisation outside the measurement
-    before = max_rss_bytes()
-    mask = method.attention_mask(ids) if kind == "sdpa" else method.block_mask(ids)
-    queue.put(max_rss_bytes() - before)
-    del mask
+def peak_rss_growth(fn) -> int:
+    """Peak resident-set growth while ``fn`` runs, sampled every millisecond by a thread (CPU torch has
+    no allocator statistics; tensors this large are their own mappings, so RSS follows them)."""
+    baseline, peak, running = rss_bytes(), [0], [True]
 
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
 
-def mask_peak_memory(ids: torch.Tensor, anchor_ids: list[int], kind: str) -> int:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_mask_memory_child, args=(ids, anchor_ids, kind, queue))
-    child.start()
-    grown = queue.get()
-    child.join()
-    return grown
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        result = fn()
+        peak[0] = max(peak[0], rss_bytes())
+    finally:
+        running[0] = False
+        thread.join()
+    del result
+    return max(peak[0] - baseline, 0)
 
 
 def timed(fn) -> float:
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
+    parser.add_argument("--masks-only", action="store_true", help="only the mask construction (part 1)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -110,17 +113,17 @@ def main() -> None:
             "build_s": mask_s,
             "bytes": mask.nbytes,
             "visible_fraction": mask.float().mean().item(),
-            "peak_rss_growth_bytes": mask_peak_memory(ids.cpu(), method.anchor_ids, "sdpa"),
+            "peak_rss_growth_bytes": peak_rss_growth(lambda: method.attention_mask(ids)),
         },
         "block_mask": {
             "build_s": block_s,
             "sparsity": blocks.sparsity(),
-            "peak_rss_growth_bytes": mask_peak_memory(ids.cpu(), method.anchor_ids, "flex"),
+            "peak_rss_growth_bytes": peak_rss_growth(lambda: method.block_mask(ids)),
         },
     }
     del mask, blocks
 
-    modes = ["forward"] + (["forward+backward"] if args.backward else [])
+    modes = [] if args.masks_only else ["forward"] + (["forward+backward"] if args.backward else [])
     runs = {
         "causal": lambda: model(input_ids=ids),
         "anchor mask": lambda: masked_forward(model, method, ids),
@@ -128,7 +131,7 @@ def main() -> None:
     timings = {mode: {name: [] for name in runs} for mode in modes}
     model.train(False)
     with torch.no_grad():  # first calls pay one-off costs (kernel selection, allocations)
-        for run in runs.values():
+        for run in runs.values() if modes else ():
             run()
     for mode in modes:
         for r in range(args.rounds):
@@ -166,7 +169,8 @@ def main() -> None:
         f"| FlexAttention BlockMask | {b['build_s'] * 1e3:.1f} ms | peak RSS +{b['peak_rss_growth_bytes'] / 2**20:.1f} MiB "
         f"(sparsity {b['sparsity']:.1f} %) |"
     )
-    print("\n| pass | causal tok/s | anchor-mask tok/s | masked / causal |\n|---|---|---|---|")
+    if modes:
+        print("\n| pass | causal tok/s | anchor-mask tok/s | masked / causal |\n|---|---|---|---|")
     for mode, f in result["forward"].items():
         print(
             f"| {mode} | {f['causal_tokens_per_s']:.0f} | {f['masked_tokens_per_s']:.0f} | {f['ratio_masked_over_causal']:.2f}× |"
