@@ -149,6 +149,19 @@ def test_masked_forward_in_query_blocks_equals_one_block(tiny, kernel, monkeypat
         assert (plain[padding] - whole[padding]).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
+def test_masked_forward_with_flex_attention_model(tiny):
+    """A model on transformers' flex_attention gets the BlockMask (compiles once: ~30 s on CPU)."""
+    method, _, _ = anllm("ep", tiny)
+    model = copy.deepcopy(tiny.model)
+    ids = with_anchors(method, torch.randint(100, 1000, (2, 256)), 0.1, seed=12)
+    with torch.inference_mode():
+        reference = masked_forward(model, method, ids).logits
+        model.set_attn_implementation("flex_attention")
+        flex = masked_forward(model, method, ids).logits
+    assert (flex - reference).abs().max().item() < 1e-5
+
+
 # ---------------------------------------------------------------------------- inserting anchors
 def test_sentence_ends_in_prose_comments_and_docstrings():
     prose = "Dr. Smith paid 3.14 dollars, e.g. for x.y! Was it J. Doe? Yes.\n1. a list item"
