@@ -111,6 +111,18 @@ def test_eval_run_writes_files_and_metrics(tmp_path):
     assert json.loads((tmp_path / "run_info.json").read_text())["model"]["num_kv_heads"] == 2
 
 
+def test_anllm_ac_eval_run_compresses_and_hides_its_token(tmp_path):
+    """method=anllm end to end: <AC> in the prompts' ids, never in the text; the cache measured smaller."""
+    metrics = run_eval(
+        compose_config(overrides=[*TINY_RUN, "method=anllm", "method.variant=ac", "generation.batch_size=2"]), tmp_path
+    )
+    lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    ac = 49152  # appended to SmolLM2's 49,152-token vocabulary
+    assert all(ac in x["prompt_token_ids"] for x in lines)
+    assert all("<AC>" not in x["text"] and "<AC>" not in x["completion"] for x in lines)
+    assert 0.0 < metrics["kv/reduction_final"] < 1.0 and metrics["kv/reduction_peak"] >= 0.0
+
+
 def test_local_pretrained_folder_loads_like_a_hub_model(tmp_path, tiny):
     """The hub code path (model.source=pretrained), fed a folder written by save_pretrained."""
     folder = tmp_path / "tiny-saved"
