@@ -202,7 +202,7 @@ def test_continuation_keeps_the_leading_space_of_sentencepiece_decoders():
     core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
     assert tokenizer.decode([1, 2, 3]) == "   return x"  # decoding the new tokens alone: one space short
-    engine = SimpleNamespace(tokenizer=tokenizer)
+    engine = SimpleNamespace(tokenizer=tokenizer, method=build_method({"name": "dense"}))
     assert GenerationEngine._decode_continuation(engine, [4, 5], [1, 2, 3]) == "    return x"  # 3 + 1 spaces
 
 
