@@ -184,6 +184,8 @@ def test_sentence_ends_in_prose_comments_and_docstrings():
         "    return a.real + b\n"
     )
     assert sentence_ends("") == [] and sentence_ends("no end here") == []
+    assert insert_after_sentences('def f():\n    """Return x."""\n', "|") == 'def f():\n    """Return x.|"""\n'
+    assert insert_after_sentences("Sort it.<|im_end|>\r\n\r\nnext", "|") == "Sort it.|<|im_end|>\r\n\r\nnext"
 
 
 def test_ac_adds_a_mean_initialised_token_once_and_hides_it(tiny):

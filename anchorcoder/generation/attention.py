@@ -10,6 +10,7 @@ the selected kernel (``sdpa`` or ``eager``). The engine switches a model to it o
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface
@@ -57,6 +58,18 @@ def packed_decode_attention(module, query, key, value, attention_mask, scaling, 
 
 
 TRAINING_CHUNK = 512  # query rows per block in a full-sequence masked forward
+_CAUSAL_MASKS = ContextVar("anchorcoder_causal_masks", default=False)
+
+
+@contextmanager
+def causal_masks():
+    """Declare that full-sequence boolean masks in this block are causal (training masks), so
+    :func:`causal_blocks_attention` may skip the keys above the diagonal."""
+    token = _CAUSAL_MASKS.set(True)
+    try:
+        yield
+    finally:
+        _CAUSAL_MASKS.reset(token)
 
 
 def causal_blocks_attention(kernel, module, query, key, value, mask, chunk: int | None = None, **kwargs):
@@ -88,8 +101,8 @@ def cached_attention(module, query, key, value, attention_mask, dropout=0.0, kv_
     # dropout may come positionally: wrappers such as kvpress' attention patch pass it so
     kernel = _kernel(module)
     if kv_cache is None:  # a plain forward: behave like the kernel itself
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
-            if query.shape[2] == key.shape[2]:  # a full sequence under a (causal) training mask
+        if _CAUSAL_MASKS.get() and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+            if query.shape[2] == key.shape[2]:  # a full sequence under a causal training mask
                 return causal_blocks_attention(
                     kernel, module, query, key, value, attention_mask, dropout=dropout, **kwargs
                 )

@@ -231,7 +231,7 @@ def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding
     goes through our attention function (:func:`~anchorcoder.generation.attention.engine_attention`,
     with the model's ``sdpa`` or ``eager`` kernel), which skips the blocks above the diagonal.
     """
-    from anchorcoder.generation.attention import engine_attention
+    from anchorcoder.generation.attention import causal_masks, engine_attention
 
     kwargs.setdefault("use_cache", False)
     real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
@@ -240,5 +240,5 @@ def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding
         mask = method.block_mask(input_ids, padding_mask)
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
     mask = method.attention_mask(input_ids, padding_mask)
-    with engine_attention(model):
+    with engine_attention(model), causal_masks():
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)

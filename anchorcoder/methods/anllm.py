@@ -59,8 +59,8 @@ class AnLLM(AnchorMethod):
 
     def find_anchor_ids(self, model, tokenizer) -> list[int]:
         if self.variant == "ep":
-            if self.ep_anchors == "period":
-                return tokens_decoding_to(tokenizer, lambda text: text == ".")
+            if self.ep_anchors == "period":  # the token itself, so SentencePiece's "▁." is not one
+                return [i for i, t in enumerate(tokenizer.convert_ids_to_tokens(range(len(tokenizer)))) if t == "."]
             return tokens_decoding_to(tokenizer, lambda text: text.rstrip().endswith("."))
         ac_id = add_anchor_token(model, tokenizer, self.ac_token, self.ac_init)
         self.hidden_token_ids = frozenset({ac_id})
@@ -82,11 +82,13 @@ def add_anchor_token(model, tokenizer, token: str, init: str) -> int:
         if existing >= model.get_input_embeddings().weight.shape[0]:
             raise ConfigError(f"the tokenizer has {token} (id {existing}) but the model's embeddings are smaller")
         return existing
+    period = tokenizer.convert_tokens_to_ids(".")
+    if init == "period" and (period is None or period == tokenizer.unk_token_id):
+        raise ConfigError('method.ac_init=period needs a "." token in the vocabulary; use ac_init=mean')
     tokenizer.add_tokens([token], special_tokens=True)
     new_id = tokenizer.convert_tokens_to_ids(token)
     if new_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    period = tokenizer.convert_tokens_to_ids(".")
+        model.resize_token_embeddings(max(len(tokenizer), new_id + 1), mean_resizing=False)
     with torch.no_grad():
         matrices = [model.get_input_embeddings().weight]
         output = model.get_output_embeddings()

@@ -12,7 +12,8 @@ a sentence's last character):
 3. the closing quotes of a docstring close the sentence inside it;
 4. the last line of a block of ``#`` comment lines closes the sentence it holds.
 
-A sentence holds at least one non-space character; an offset is never repeated.
+A sentence holds at least one letter or digit outside special tokens; an offset is never repeated. Punctuation followed by a
+special token's ``<|`` (``Sort it.<|im_end|>``) ends a sentence as whitespace would.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import re
 ABBREVIATIONS = frozenset(
     "e.g i.e etc vs cf al fig figs eq eqs no nos approx resp mr mrs ms dr prof st jr sr inc ltd co dept".split()
 )
-TERMINAL = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+TERMINAL = re.compile(r"[.!?]+[\"')\]]*(?=\s|$|<\|)")  # "<|": a special token such as <|im_end|>
 WORD_BEFORE = re.compile(r"([A-Za-z0-9.]+)$")
+SPECIAL_TOKEN = re.compile(r"<\|[^|<>]*\|>")  # chat-template markers are not sentence text
 TRIPLE_QUOTE = re.compile(r"\"\"\"|'''")
 
 
@@ -46,6 +48,13 @@ def _is_sentence_end(text: str, match: re.Match) -> bool:
     return True
 
 
+def _after_last_text(text: str, index: int) -> int:
+    """Offset right after the last non-space character before ``index``."""
+    while index > 0 and text[index - 1].isspace():
+        index -= 1
+    return index
+
+
 def sentence_ends(text: str) -> list[int]:
     """Offsets right after the last character of every sentence in ``text``, ascending."""
     candidates: set[int] = set()
@@ -53,12 +62,12 @@ def sentence_ends(text: str) -> list[int]:
         if _is_sentence_end(text, match):
             candidates.add(match.end())
     # 2. blank lines: close at the last non-space character before them
-    for match in re.finditer(r"\n[ \t]*\n", text):
-        candidates.add(len(text[: match.start()].rstrip()))
+    for match in re.finditer(r"\r?\n[ \t]*\r?\n", text):
+        candidates.add(_after_last_text(text, match.start()))
     # 3. a docstring's closing quotes (every second triple quote)
     for k, match in enumerate(TRIPLE_QUOTE.finditer(text)):
         if k % 2 == 1:
-            candidates.add(len(text[: match.start()].rstrip()))
+            candidates.add(_after_last_text(text, match.start()))
     # 4. the last line of a block of full-line comments
     lines = text.split("\n")
     offset = 0
@@ -68,10 +77,10 @@ def sentence_ends(text: str) -> list[int]:
         if is_comment and not next_is_comment:
             candidates.add(offset + len(line.rstrip()))
         offset += len(line) + 1
-    # keep offsets that close a sentence with some text in it
+    # keep offsets that close a sentence with some text in it (not just quotes or brackets)
     ends, previous = [], 0
     for end in sorted(candidates):
-        if end > previous and text[previous:end].strip():
+        if end > previous and any(c.isalnum() for c in SPECIAL_TOKEN.sub("", text[previous:end])):
             ends.append(end)
             previous = end
     return ends
