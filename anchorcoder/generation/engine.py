@@ -280,8 +280,8 @@ class GenerationEngine:
         Special tokens are kept so stop strings such as ``<|`` see them.
         """
         hidden = self.method.hidden_token_ids  # tokens a method inserts (e.g. AnLLM's <AC>) never reach text
-        if hidden:
-            context = [t for t in context if t not in hidden]
+        if hidden:  # the context's tail only: this runs every step for the stop check
+            context = [t for t in context[-4 * CONTEXT_TOKENS :] if t not in hidden]
             tokens = [t for t in tokens if t not in hidden]
         context = context[-CONTEXT_TOKENS:]
         head = self.tokenizer.decode(context, skip_special_tokens=False)

@@ -49,6 +49,12 @@ def segment_ids(is_anchor: torch.Tensor, start: torch.Tensor | int = 0) -> torch
     return start + a.cumsum(-1) - a
 
 
+def real_tokens(input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real ``[B, T]`` bool, absolute position of every real token with ``-1`` for padding)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+    return real, (real.long().cumsum(-1) - 1).masked_fill(~real, -1)
+
+
 def anchor_rule(q_seg, q_anchor, k_seg, k_anchor, k_pos, sink_tokens: int = 0) -> torch.Tensor:
     """Who may see whom, causality and padding aside; arguments broadcast (queries ``[..., Q, 1]``,
     keys ``[..., 1, S]``)."""
@@ -121,15 +127,14 @@ class AnchorMethod(KVMethod):
         return {
             "input_ids": input_ids,
             "padding_mask": padding_mask,
-            "position_ids": (padding_mask.long().cumsum(-1) - 1).clamp(min=0),
+            "position_ids": real_tokens(input_ids, padding_mask)[1].clamp(min=0),
             "labels": input_ids.masked_fill(~padding_mask, IGNORE_INDEX),
         }
 
     def _training_tokens(self, input_ids, padding_mask):
-        real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+        real, positions = real_tokens(input_ids, padding_mask)
         anchor = self.is_anchor(input_ids) & real
-        positions = real.long().cumsum(-1) - 1
-        return real, anchor, segment_ids(anchor), positions.masked_fill(~real, -1)
+        return real, anchor, segment_ids(anchor), positions
 
     def attention_mask(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean ``[B, 1, T, T]`` (True = visible) of the rule; padding sees only itself (no empty row)."""
@@ -220,8 +225,7 @@ class AnchorMethod(KVMethod):
 def kept_count(is_anchor: list[bool], sink_tokens: int = 0) -> int:
     """Entries per layer and KV head the rule keeps after a stream (a check for tests and scripts)."""
     last = max((i for i, a in enumerate(is_anchor) if a), default=-1)
-    kept = sum(1 for i, a in enumerate(is_anchor) if a or i > last or i < sink_tokens)
-    return kept
+    return sum(1 for i, a in enumerate(is_anchor) if a or i > last or i < sink_tokens)
 
 
 def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding_mask=None, **kwargs):
@@ -234,8 +238,7 @@ def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding
     from anchorcoder.generation.attention import causal_masks, engine_attention
 
     kwargs.setdefault("use_cache", False)
-    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    positions = real_tokens(input_ids, padding_mask)[1].clamp(min=0)
     if model.config._attn_implementation == "flex_attention":
         mask = method.block_mask(input_ids, padding_mask)
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)

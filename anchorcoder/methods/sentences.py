@@ -12,8 +12,9 @@ a sentence's last character):
 3. the closing quotes of a docstring close the sentence inside it;
 4. the last line of a block of ``#`` comment lines closes the sentence it holds.
 
-A sentence holds at least one letter or digit outside special tokens; an offset is never repeated. Punctuation followed by a
-special token's ``<|`` (``Sort it.<|im_end|>``) ends a sentence as whitespace would.
+A sentence holds at least one letter or digit outside special tokens; an offset is never repeated.
+Punctuation followed by a special token's ``<|`` (``Sort it.<|im_end|>``) ends a sentence as
+whitespace would.
 """
 
 from __future__ import annotations
