@@ -1,13 +1,15 @@
 """The invariant of an anchor method, measured: max |logits| difference between one masked forward (the
 training face) and incremental decoding with the cache really pruned (the inference face).
 
-For each model, variant, sink setting and dtype, over ``--seeds`` random sequences (2 rows of
-``--length`` tokens, anchors at ~8 % of positions, rows pruning at different steps), fed as a prefill
-of ``--prefill`` tokens then one token at a time, and as chunks into a pruned cache. Next to it, the
-float32 floor of the model itself: transformers' own ``DynamicCache`` decoding against its own full
-forward, dense, on the same tokens; and how far the float32 masked forward is from float64.
+For each model, method variant and dtype, over ``--seeds`` random sequences (2 rows of ``--length``
+tokens, anchors at ~8 % of positions, rows pruning at different steps), fed as a prefill of
+``--prefill`` tokens then one token at a time, and as chunks into a pruned cache. Next to it, the
+float32 floor of the model itself, dense, on the same tokens: transformers' own ``DynamicCache``
+decoding against its own full forward, and our engine's (``method=dense``) against the same full
+forward; and how far the float32 masked forward is from float64.
 
-    python scripts/anchor_equivalence.py                  # tiny GQA Llama and SmolLM2
+    python scripts/anchor_equivalence.py                          # AnLLM EP/AC, tiny GQA Llama and SmolLM2
+    python scripts/anchor_equivalence.py --method anchorcoder     # TAA, TAA+LAA, TAA+LAA+MHPE
     python scripts/anchor_equivalence.py --models tiny-llama --seeds 1
 
 Writes ``outputs/bench/anchor_equivalence_<time>.json`` and prints a markdown table.
@@ -31,6 +33,16 @@ from anchorcoder.methods.anchors import masked_forward
 from anchorcoder.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # label -> method config
+    "anllm": {
+        f"{v}, sink {k}": {"name": "anllm", "variant": v, "sink_tokens": k} for v in ("ep", "ac") for k in (0, 1)
+    },
+    "anchorcoder": {
+        "TAA": {"name": "anchorcoder", "laa": False},
+        "TAA+LAA": {"name": "anchorcoder"},
+        "TAA+LAA+MHPE": {"name": "anchorcoder", "mhpe": True},
+    },
+}
 
 
 def random_ids(anchor: int, length: int, seed: int) -> torch.Tensor:
@@ -57,6 +69,7 @@ def hf_floor(model, ids: torch.Tensor, prefill: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=list(VARIANTS), default="anllm")
     parser.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=24)
@@ -71,52 +84,55 @@ def main() -> None:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = OmegaConf.to_container(compose(config_name="eval", overrides=[f"model={model_name}"]), resolve=True)
         loaded = load_model(cfg["model"], device="cpu")
-        for variant in ("ep", "ac"):
+        for label, options in VARIANTS[args.method].items():
             model, tokenizer = copy.deepcopy(loaded.model), copy.deepcopy(loaded.tokenizer)
-            prepared = build_method({"name": "anllm", "variant": variant})
-            prepared.prepare(model, tokenizer)
+            method = build_method(options)
+            method.prepare(model, tokenizer)
             model64 = copy.deepcopy(model).double()
-            for sink in (0, 1):
-                method = build_method({"name": "anllm", "variant": variant, "sink_tokens": sink})
-                method._anchor_ids = prepared._anchor_ids
-                for dtype, net in (("float32", model), ("float64", model64)):
-                    worst = {name: 0.0 for name in schedules}
-                    off64 = 0.0
-                    for seed in range(args.seeds):
-                        ids = random_ids(prepared.anchor_ids[0], args.length, seed)
-                        with torch.inference_mode():
-                            reference = masked_forward(net, method, ids).logits
-                            if dtype == "float32":
-                                exact = masked_forward(model64, method, ids).logits
-                                off64 = max(off64, (reference.double() - exact).abs().max().item())
-                        for name, chunks in schedules.items():
-                            ours = incremental_logits(net, method, ids, chunks)
-                            worst[name] = max(worst[name], (ours - reference).abs().max().item())
-                    row = {"model": model_name, "variant": variant, "sink_tokens": sink, "dtype": dtype, **worst}
-                    row["masked fp32 vs fp64"] = off64 if dtype == "float32" else None
-                    rows.append(row)
-                    print(row, flush=True)
-        floor = max(hf_floor(loaded.model, random_ids(30, args.length, s), args.prefill) for s in range(args.seeds))
-        rows.append({"model": model_name, "hf dense DynamicCache vs full forward (fp32)": floor})
+            for dtype, net in (("float32", model), ("float64", model64)):
+                worst = {name: 0.0 for name in schedules}
+                off64 = 0.0
+                for seed in range(args.seeds):
+                    ids = random_ids(method.anchor_ids[0], args.length, seed)
+                    with torch.inference_mode():
+                        reference = masked_forward(net, method, ids).logits
+                        if dtype == "float32":
+                            exact = masked_forward(model64, method, ids).logits
+                            off64 = max(off64, (reference.double() - exact).abs().max().item())
+                    for name, chunks in schedules.items():
+                        ours = incremental_logits(net, method, ids, chunks)
+                        worst[name] = max(worst[name], (ours - reference).abs().max().item())
+                row = {"model": model_name, "variant": label, "dtype": dtype, **worst}
+                row["masked fp32 vs fp64"] = off64 if dtype == "float32" else None
+                rows.append(row)
+                print(row, flush=True)
+        dense = build_method({"name": "dense"})
+        floor = {"transformers": 0.0, "ours": 0.0}
+        for seed in range(args.seeds):
+            ids = random_ids(30, args.length, seed)
+            floor["transformers"] = max(floor["transformers"], hf_floor(loaded.model, ids, args.prefill))
+            with torch.inference_mode():
+                full = loaded.model(input_ids=ids).logits
+            ours = incremental_logits(loaded.model, dense, ids, schedules["prefill + decode"])
+            floor["ours"] = max(floor["ours"], (ours - full).abs().max().item())
+        rows.append({"model": model_name, "dense floor (fp32)": floor})
         print(rows[-1], flush=True)
 
-    out = ROOT / "outputs" / "bench" / f"anchor_equivalence_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = ROOT / "outputs" / "bench" / f"anchor_equivalence_{args.method}_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(
-        "\n| model | variant | sink | dtype | prefill + decode | chunks | masked fp32 vs fp64 |\n|---|---|---|---|---|---|---|"
-    )
+    print("\n| model | variant | dtype | prefill + decode | chunks | masked fp32 vs fp64 |\n|---|---|---|---|---|---|")
     for r in rows:
         if "variant" in r:
             off = "" if r["masked fp32 vs fp64"] is None else f"{r['masked fp32 vs fp64']:.1e}"
             print(
-                f"| {r['model']} | {r['variant']} | {r['sink_tokens']} | {r['dtype']} | "
-                f"{r['prefill + decode']:.1e} | {r['chunks']:.1e} | {off} |"
+                f"| {r['model']} | {r['variant']} | {r['dtype']} | {r['prefill + decode']:.1e} | {r['chunks']:.1e} | {off} |"
             )
         else:
+            f = r["dense floor (fp32)"]
             print(
-                f"| {r['model']} | dense, transformers' DynamicCache vs its full forward | | float32 | "
-                f"{r['hf dense DynamicCache vs full forward (fp32)']:.1e} | | |"
+                f"| {r['model']} | dense: transformers' DynamicCache / our engine vs the full forward | float32 | "
+                f"{f['transformers']:.1e} / {f['ours']:.1e} | | |"
             )
     print(f"\nwritten to {out}")
 

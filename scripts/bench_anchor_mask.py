@@ -1,7 +1,10 @@
 """Cost of an anchor method's training face at long context: building the mask, and a forward under it.
 
-1. Mask construction for ``--length`` tokens of real code (HumanEval prompts + solutions with AnLLM-AC's
-   ``<AC>`` inserted): the boolean ``[1, 1, T, T]`` mask for SDPA and the FlexAttention BlockMask. Time
+The anchor method is the config's ``method`` (default ``method=anllm``, i.e. AnLLM-AC; ``method=anchorcoder``
+times TAA + LAA, whose forward also attends to the previous layer's anchors).
+
+1. Mask construction for ``--length`` tokens of real code (HumanEval prompts + solutions, anchors inserted
+   if the method inserts them): the boolean ``[1, 1, T, T]`` mask for SDPA and the FlexAttention BlockMask. Time
    is the median of ``--rounds``; memory is the peak resident-set growth while one is built.
 2. A training-style forward (the whole sequence at once, as the trainer runs it) of the model under
    the mask (``masked_forward``: mask built inside, SDPA with the boolean mask) against a plain causal
@@ -11,6 +14,7 @@
 
     python scripts/bench_anchor_mask.py                       # SmolLM2, 4,096 tokens
     python scripts/bench_anchor_mask.py --length 1024 --rounds 1 model=tiny-llama
+    python scripts/bench_anchor_mask.py --length 2048 method=anchorcoder          # TAA + LAA
 
 Writes ``outputs/bench/anchor_mask_<time>.json`` and prints a markdown table.
 """
@@ -30,11 +34,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from anchorcoder.methods import build_method
-from anchorcoder.methods.anchors import masked_forward
+from anchorcoder.methods.anchors import AnchorMethod, masked_forward
 from anchorcoder.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD = {"name": "anllm", "variant": "ac"}
 
 
 def code_tokens(method, tokenizer, length: int) -> torch.Tensor:
@@ -88,16 +91,21 @@ def main() -> None:
     parser.add_argument("--masks-only", action="store_true", help="only the mask construction (part 1)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
     args = parser.parse_args()
+    if not any(o.startswith("method=") for o in args.overrides):
+        args.overrides.insert(0, "method=anllm")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
     loaded = load_model(cfg["model"], cfg.get("device", "auto"))
     model, tokenizer = loaded.model, loaded.tokenizer
-    method = build_method(METHOD)
+    method = build_method(cfg["method"])
+    if not isinstance(method, AnchorMethod):
+        raise SystemExit(f"method={method.name} has no anchor mask; use method=anllm or method=anchorcoder")
     method.prepare(model, tokenizer)
     ids = code_tokens(method, tokenizer, args.length).to(next(model.parameters()).device)
     n_anchors = int(method.is_anchor(ids).sum())
     print(
-        f"{loaded.info['name']}, {args.length} tokens of code, {n_anchors} anchors, {torch.get_num_threads()} threads"
+        f"{loaded.info['name']}, method={method.describe()}, {args.length} tokens of code, {n_anchors} anchors, "
+        f"{torch.get_num_threads()} threads"
     )
 
     mask_s = statistics.median(timed(lambda: method.attention_mask(ids)) for _ in range(max(args.rounds, 3)))
@@ -106,6 +114,7 @@ def main() -> None:
     blocks = method.block_mask(ids)
     result = {
         "model": loaded.info,
+        "method": method.describe(),
         "length": args.length,
         "anchors": n_anchors,
         "threads": torch.get_num_threads(),

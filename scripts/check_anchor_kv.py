@@ -49,8 +49,13 @@ def main() -> None:
         fed = record["prompt_token_ids"] + record["token_ids"]
         if record["finish_reason"] != "eos":
             fed = fed[:-1]  # the last sampled token is never fed (EOS is not kept in token_ids)
+        prompt_len = len(record["prompt_token_ids"])
         flags = [t in anchors for t in fed]
-        final, peak = expected_entries(flags, len(record["prompt_token_ids"]), method.sink_tokens)
+        sink = method.sink_tokens
+        if not method.compress_prompt:  # the prompt is kept whole and its anchors do not count
+            flags = [False] * prompt_len + flags[prompt_len:]
+            sink = max(sink, prompt_len)
+        final, peak = expected_entries(flags, prompt_len, sink)
         kv = record["kv"]
         checks = {
             "entries_final": (kv["entries_final"], final * per_token),

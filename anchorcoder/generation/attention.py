@@ -73,22 +73,25 @@ def causal_masks():
 
 
 def causal_blocks_attention(kernel, module, query, key, value, mask, chunk: int | None = None, **kwargs):
-    """A full-sequence forward under a causal boolean mask ``[B, 1|H, T, T]``, in blocks of ``chunk``
-    query rows, each against only the keys up to its last row.
+    """A full-sequence forward under a causal boolean mask ``[B, 1|H, T, P + T]``, in blocks of ``chunk``
+    query rows, each against only the keys up to its last row. The first ``P`` keys (extra keys a
+    method put before the sequence, e.g. AnchorCoder's layer-wise anchors) go to every block.
 
     SDPA skips the upper triangle only with ``is_causal`` and no mask; given a mask it computes all
     T x T scores. Blocking the queries skips all but the diagonal blocks' upper parts: at 4,096 tokens
     and 512-row blocks the attention work drops to 9/16 of the full square (README, "AnLLM").
     """
     length, chunk = query.shape[2], chunk or TRAINING_CHUNK
+    prefix = key.shape[2] - length
     if length <= chunk:
         return kernel(module, query, key, value, mask, **kwargs)
     outs = []
     for start in range(0, length, chunk):
-        end = min(start + chunk, length)
+        end = min(start + chunk, length) + prefix
         out, _ = kernel(
-            module, query[:, :, start:end], key[:, :, :end], value[:, :, :end], mask[:, :, start:end, :end], **kwargs
-        )
+            module, query[:, :, start : start + chunk], key[:, :, :end], value[:, :, :end],
+            mask[:, :, start : start + chunk, :end], **kwargs,
+        )  # fmt: skip
         outs.append(out)
     return torch.cat(outs, dim=1), None
 
@@ -97,12 +100,18 @@ def _kernel(module):
     return eager_attention if getattr(module.config, KERNEL_ATTR, "sdpa") == "eager" else sdpa_attention_forward
 
 
-def cached_attention(module, query, key, value, attention_mask, dropout=0.0, kv_cache=None, kv_method=None, **kwargs):
+def cached_attention(
+    module, query, key, value, attention_mask, dropout=0.0, kv_cache=None, kv_method=None, kv_tokens=None, **kwargs
+):
     # dropout may come positionally: wrappers such as kvpress' attention patch pass it so
     kernel = _kernel(module)
     if kv_cache is None:  # a plain forward: behave like the kernel itself
+        if kv_tokens is not None:  # a training forward of a method that reshapes attention
+            query, key, value, attention_mask = kv_method.adapt_attention(
+                module, query, key, value, attention_mask, kv_tokens
+            )
         if _CAUSAL_MASKS.get() and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
-            if query.shape[2] == key.shape[2]:  # a full sequence under a causal training mask
+            if key.shape[2] >= query.shape[2]:  # a full sequence under a causal training mask
                 return causal_blocks_attention(
                     kernel, module, query, key, value, attention_mask, dropout=dropout, **kwargs
                 )
@@ -117,6 +126,8 @@ def cached_attention(module, query, key, value, attention_mask, dropout=0.0, kv_
         mask = kv_cache.base_mask(layer)
         if extra is not None:
             mask = mask & extra
+    if kv_method is not None and kv_method.reshapes_attention:
+        query, key, value, mask = kv_method.adapt_attention(module, query, key, value, mask, kv_cache)
     if kernel is sdpa_attention_forward and q_len == 1 and query.shape[1] > key.shape[1]:
         return packed_decode_attention(module, query, key, value, mask, kwargs.get("scaling"), dropout)
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head

@@ -25,7 +25,7 @@ The invariant (tests): one masked forward gives the logits of incremental decodi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels that take no loss (padding)
 OPEN_SEGMENT, KEY_SEGMENT, KEY_ANCHOR, STEP = "anchor/open", "anchor/key_seg", "anchor/key_anchor", "anchor/step"
+SINK = "anchor/sink"  # [B] per row: positions below it are kept and seen by all (sinks, or the whole prompt)
 
 
 def segment_ids(is_anchor: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
@@ -55,13 +56,30 @@ def real_tokens(input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> t
     return real, (real.long().cumsum(-1) - 1).masked_fill(~real, -1)
 
 
-def anchor_rule(q_seg, q_anchor, k_seg, k_anchor, k_pos, sink_tokens: int = 0) -> torch.Tensor:
+def anchor_rule(q_seg, q_anchor, k_seg, k_anchor, k_pos, sink=0, anchors_see_anchors: bool = False):
     """Who may see whom, causality and padding aside; arguments broadcast (queries ``[..., Q, 1]``,
-    keys ``[..., 1, S]``)."""
-    visible = (q_seg == k_seg) | (k_anchor & ~q_anchor & (k_seg < q_seg))
-    if sink_tokens:
-        visible = visible | ((k_pos >= 0) & (k_pos < sink_tokens))
+    keys ``[..., 1, S]``). ``sink``: positions below it are visible to all (an int, or a tensor that
+    broadcasts against ``k_pos``, e.g. per-row prompt lengths)."""
+    earlier_anchor = k_anchor & (k_seg < q_seg)
+    if not anchors_see_anchors:
+        earlier_anchor = earlier_anchor & ~q_anchor
+    visible = (q_seg == k_seg) | earlier_anchor
+    if isinstance(sink, torch.Tensor) or sink:
+        visible = visible | ((k_pos >= 0) & (k_pos < sink))
     return visible
+
+
+@dataclass
+class TrainingTokens:
+    """The rule's view of every token of a full-sequence (training) forward, ``[B, T]`` each."""
+
+    real: torch.Tensor
+    anchor: torch.Tensor
+    seg: torch.Tensor
+    pos: torch.Tensor  # absolute position, -1 = padding
+    sink: torch.Tensor  # [B]: positions below it are seen by all
+    layer_kv: dict = field(default_factory=dict)  # layer -> (keys, values) as its attention saw them
+    memo: dict = field(default_factory=dict)  # per-forward work shared by the layers
 
 
 @dataclass
@@ -72,6 +90,8 @@ class AnchorMethod(KVMethod):
     trained: ClassVar[bool] = True
 
     sink_tokens: int = 0  # first N positions always visible and never evicted (0 = AnLLM: BOS is dropped)
+    anchors_see_anchors: bool = False  # an anchor also sees earlier anchors (AnLLM: no)
+    compress_prompt: bool = True  # False: the prompt is kept whole and seen by all (its anchors do not count)
 
     def __post_init__(self):
         if self.sink_tokens < 0:
@@ -131,32 +151,42 @@ class AnchorMethod(KVMethod):
             "labels": input_ids.masked_fill(~padding_mask, IGNORE_INDEX),
         }
 
-    def _training_tokens(self, input_ids, padding_mask):
-        real, positions = real_tokens(input_ids, padding_mask)
+    def training_tokens(self, input_ids, padding_mask=None, prompt_lengths=None) -> TrainingTokens:
+        """The rule's view of a right-padded batch. ``prompt_lengths`` ``[B]``: tokens of each row that
+        inference would feed as the prompt; they matter only with ``compress_prompt=False`` (None = 0)."""
+        real, pos = real_tokens(input_ids, padding_mask)
         anchor = self.is_anchor(input_ids) & real
-        return real, anchor, segment_ids(anchor), positions
+        sink = torch.full((input_ids.shape[0],), self.sink_tokens, dtype=torch.long, device=input_ids.device)
+        if not self.compress_prompt and prompt_lengths is not None:
+            prompt = torch.as_tensor(prompt_lengths, dtype=torch.long, device=input_ids.device)
+            anchor = anchor & (pos >= prompt[:, None])
+            sink = torch.maximum(sink, prompt)
+        return TrainingTokens(real=real, anchor=anchor, seg=segment_ids(anchor), pos=pos, sink=sink)
 
-    def attention_mask(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_mask(self, input_ids, padding_mask=None, prompt_lengths=None) -> torch.Tensor:
         """Boolean ``[B, 1, T, T]`` (True = visible) of the rule; padding sees only itself (no empty row)."""
-        real, anchor, seg, pos = self._training_tokens(input_ids, padding_mask)
-        index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.rule_mask(self.training_tokens(input_ids, padding_mask, prompt_lengths))
+
+    def rule_mask(self, t: TrainingTokens) -> torch.Tensor:
+        index = torch.arange(t.real.shape[1], device=t.real.device)
         causal = index[None, :] <= index[:, None]
         visible = anchor_rule(
-            seg[:, :, None], anchor[:, :, None], seg[:, None, :], anchor[:, None, :], pos[:, None, :], self.sink_tokens
-        )
-        visible = visible & causal & real[:, :, None] & real[:, None, :]
-        visible = visible | ((index[:, None] == index[None, :]) & ~real[:, :, None])
+            t.seg[:, :, None], t.anchor[:, :, None], t.seg[:, None, :], t.anchor[:, None, :], t.pos[:, None, :],
+            t.sink[:, None, None], self.anchors_see_anchors,
+        )  # fmt: skip
+        visible = visible & causal & t.real[:, :, None] & t.real[:, None, :]
+        visible = visible | ((index[:, None] == index[None, :]) & ~t.real[:, :, None])
         return visible[:, None]
 
-    def block_mask(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None, block_size: int = 128):
+    def block_mask(self, input_ids, padding_mask=None, prompt_lengths=None, block_size: int = 128):
         """The same rule as a FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        real, anchor, seg, pos = self._training_tokens(input_ids, padding_mask)
-        sink = self.sink_tokens
+        t = self.training_tokens(input_ids, padding_mask, prompt_lengths)
+        real, anchor, seg, pos, sink, see = t.real, t.anchor, t.seg, t.pos, t.sink, self.anchors_see_anchors
 
         def mask_mod(b, h, q, k):
-            rule = anchor_rule(seg[b, q], anchor[b, q], seg[b, k], anchor[b, k], pos[b, k], sink)
+            rule = anchor_rule(seg[b, q], anchor[b, q], seg[b, k], anchor[b, k], pos[b, k], sink[b], see)
             return (rule & (k <= q) & real[b, q] & real[b, k]) | ((q == k) & ~real[b, q])
 
         batch, length = input_ids.shape
@@ -169,6 +199,13 @@ class AnchorMethod(KVMethod):
         state = cache.method_state
         real = step.positions >= 0
         q_anchor = self.is_anchor(step.input_ids) & real
+        if SINK not in state:  # the first step of a batch feeds the prompt
+            sink = torch.full_like(step.positions[:, 0], self.sink_tokens)
+            if not self.compress_prompt:
+                sink = torch.maximum(sink, real.sum(-1))
+            state[SINK] = sink
+        if not self.compress_prompt and step.phase == "prefill":
+            q_anchor = torch.zeros_like(q_anchor)
         open_seg = state.get(OPEN_SEGMENT)
         if open_seg is None:
             open_seg = torch.zeros(q_anchor.shape[0], dtype=torch.long, device=q_anchor.device)
@@ -194,7 +231,8 @@ class AnchorMethod(KVMethod):
             q_real = cache.step_positions >= 0
             rule = anchor_rule(
                 step["seg"][:, :, None], step["anchor"][:, :, None],
-                state[KEY_SEGMENT][:, None, :], state[KEY_ANCHOR][:, None, :], k_pos[:, None, :], self.sink_tokens,
+                state[KEY_SEGMENT][:, None, :], state[KEY_ANCHOR][:, None, :], k_pos[:, None, :],
+                state[SINK][:, None, None], self.anchors_see_anchors,
             )  # fmt: skip
             step["mask"] = (rule | ~q_real[:, :, None] | (k_pos < 0)[:, None, :])[:, None]  # padding: the cache's rule
         return step["mask"]
@@ -205,9 +243,7 @@ class AnchorMethod(KVMethod):
             return  # nothing closed: everything held is still visible to what comes next
         k_pos = cache.positions[0]
         keep = state[KEY_ANCHOR] | (state[KEY_SEGMENT] == state[OPEN_SEGMENT][:, None])
-        if self.sink_tokens:
-            keep = keep | (k_pos < self.sink_tokens)
-        keep = keep & (k_pos >= 0)
+        keep = (keep | (k_pos < state[SINK][:, None])) & (k_pos >= 0)
         if bool(keep.all()):
             return
         kept = keep.sum(-1)
@@ -228,20 +264,59 @@ def kept_count(is_anchor: list[bool], sink_tokens: int = 0) -> int:
     return sum(1 for i, a in enumerate(is_anchor) if a or i > last or i < sink_tokens)
 
 
-def masked_forward(model, method: AnchorMethod, input_ids: torch.Tensor, padding_mask=None, **kwargs):
+def masked_forward(model, method: AnchorMethod, input_ids, padding_mask=None, prompt_lengths=None, **kwargs):
     """One forward of ``input_ids`` under the method's training mask, at absolute positions.
 
-    With ``flex_attention`` models the mask is a FlexAttention BlockMask; otherwise the boolean mask
-    goes through our attention function (:func:`~anchorcoder.generation.attention.engine_attention`,
-    with the model's ``sdpa`` or ``eager`` kernel), which skips the blocks above the diagonal.
+    With ``flex_attention`` models the mask is a FlexAttention BlockMask; otherwise (and for methods
+    that reshape attention, e.g. AnchorCoder's LAA) the boolean mask goes through our attention
+    function (:func:`~anchorcoder.generation.attention.engine_attention`, with the model's ``sdpa`` or
+    ``eager`` kernel), which skips the blocks above the diagonal.
     """
     from anchorcoder.generation.attention import causal_masks, engine_attention
 
     kwargs.setdefault("use_cache", False)
-    positions = real_tokens(input_ids, padding_mask)[1].clamp(min=0)
-    if model.config._attn_implementation == "flex_attention":
-        mask = method.block_mask(input_ids, padding_mask)
+    tokens = method.training_tokens(input_ids, padding_mask, prompt_lengths)
+    positions = tokens.pos.clamp(min=0)
+    if model.config._attn_implementation == "flex_attention" and not method.reshapes_attention:
+        mask = method.block_mask(input_ids, padding_mask, prompt_lengths)
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
-    mask = method.attention_mask(input_ids, padding_mask)
+    if method.reshapes_attention:
+        kwargs.update(kv_method=method, kv_tokens=tokens)
     with engine_attention(model), causal_masks():
-        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return model(input_ids=input_ids, attention_mask=method.rule_mask(tokens), position_ids=positions, **kwargs)
+
+
+def tokens_decoding_to(tokenizer, accept) -> list[int]:
+    """Ids whose decoded text satisfies ``accept`` (a vocabulary scan; added tokens included)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, text in enumerate(texts) if accept(text)]
+
+
+def add_anchor_token(model, tokenizer, token: str, init: str) -> int:
+    """Id of ``token``, added to the tokenizer and the model's embeddings if new.
+
+    A new row starts as the mean of the embedding matrix (``init=mean``) or a copy of the ``"."`` row
+    (``init=period``); an untied output embedding gets the same treatment. A token the tokenizer
+    already has (a fine-tuned checkpoint) keeps its trained rows.
+    """
+    existing = tokenizer.convert_tokens_to_ids(token)
+    if existing is not None and existing != tokenizer.unk_token_id:
+        if existing >= model.get_input_embeddings().weight.shape[0]:
+            raise ConfigError(f"the tokenizer has {token} (id {existing}) but the model's embeddings are smaller")
+        return existing
+    period = tokenizer.convert_tokens_to_ids(".")
+    if init == "period" and (period is None or period == tokenizer.unk_token_id):
+        raise ConfigError('method.ac_init=period needs a "." token in the vocabulary; use ac_init=mean')
+    tokenizer.add_tokens([token], special_tokens=True)
+    new_id = tokenizer.convert_tokens_to_ids(token)
+    if new_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(max(len(tokenizer), new_id + 1), mean_resizing=False)
+    with torch.no_grad():
+        matrices = [model.get_input_embeddings().weight]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not matrices[0]:
+            matrices.append(output.weight)
+        for weight in matrices:
+            rows = weight[:new_id]
+            weight[new_id] = rows.mean(dim=0) if init == "mean" else weight[period]
+    return new_id

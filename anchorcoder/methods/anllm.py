@@ -20,21 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from anchorcoder.methods.anchors import AnchorMethod
+from anchorcoder.methods.anchors import AnchorMethod, add_anchor_token, tokens_decoding_to
 from anchorcoder.methods.sentences import insert_after_sentences
 from anchorcoder.registry import METHODS, ConfigError
 
 VARIANTS = ("ep", "ac")
 EP_ANCHORS = ("period", "period_end")
 AC_INITS = ("mean", "period")
-
-
-def tokens_decoding_to(tokenizer, accept) -> list[int]:
-    """Ids whose decoded text satisfies ``accept`` (a vocabulary scan; added tokens included)."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, text in enumerate(texts) if accept(text)]
 
 
 @METHODS.register("anllm")
@@ -68,33 +60,3 @@ class AnLLM(AnchorMethod):
 
     def insert_anchors(self, text: str) -> str:
         return insert_after_sentences(text, self.ac_token) if self.variant == "ac" else text
-
-
-def add_anchor_token(model, tokenizer, token: str, init: str) -> int:
-    """Id of ``token``, added to the tokenizer and the model's embeddings if new.
-
-    A new row starts as the mean of the embedding matrix (``init=mean``) or a copy of the ``"."`` row
-    (``init=period``); an untied output embedding gets the same treatment. A token the tokenizer
-    already has (a fine-tuned checkpoint) keeps its trained rows.
-    """
-    existing = tokenizer.convert_tokens_to_ids(token)
-    if existing is not None and existing != tokenizer.unk_token_id:
-        if existing >= model.get_input_embeddings().weight.shape[0]:
-            raise ConfigError(f"the tokenizer has {token} (id {existing}) but the model's embeddings are smaller")
-        return existing
-    period = tokenizer.convert_tokens_to_ids(".")
-    if init == "period" and (period is None or period == tokenizer.unk_token_id):
-        raise ConfigError('method.ac_init=period needs a "." token in the vocabulary; use ac_init=mean')
-    tokenizer.add_tokens([token], special_tokens=True)
-    new_id = tokenizer.convert_tokens_to_ids(token)
-    if new_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(max(len(tokenizer), new_id + 1), mean_resizing=False)
-    with torch.no_grad():
-        matrices = [model.get_input_embeddings().weight]
-        output = model.get_output_embeddings()
-        if output is not None and output.weight is not matrices[0]:
-            matrices.append(output.weight)
-        for weight in matrices:
-            rows = weight[:new_id]
-            weight[new_id] = rows.mean(dim=0) if init == "mean" else weight[period]
-    return new_id

@@ -8,7 +8,9 @@ Inference face (used by the generation engine), each an override point with a no
 - :meth:`visibility`  per layer and step: which cached entries the current queries may see, as a
   boolean mask combined (AND) with causality and padding, or None for "all of them";
 - :meth:`after_step`  after every prefill / decode forward: what stays in the cache
-  (:meth:`KVCache.keep` really frees the rest).
+  (:meth:`KVCache.keep` really frees the rest);
+- :meth:`adapt_attention` per layer and step, for methods that change attention itself (extra keys,
+  other rotary positions): the query, keys, values and mask the kernel gets.
 
 ``hidden_token_ids`` (filled by :meth:`prepare`) are tokens the method adds to the stream that never
 reach decoded text.
@@ -64,6 +66,18 @@ class KVMethod:
 
     def after_step(self, cache: KVCache, step: StepInfo) -> None:
         """Prune the cache after a forward pass."""
+
+    @property
+    def reshapes_attention(self) -> bool:
+        """Whether :meth:`adapt_attention` changes anything (lets plain forwards skip it)."""
+        return False
+
+    def adapt_attention(self, module, query, key, value, mask, source):
+        """Change what one layer's attention computes, after its mask is built: returns
+        ``(query, key, value, mask)``. ``source`` is the :class:`KVCache` in the engine, or the
+        training forward's token view (e.g. AnchorCoder's extra keys of another layer and its
+        per-head rotary positions)."""
+        return query, key, value, mask
 
     def describe(self) -> dict:
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}

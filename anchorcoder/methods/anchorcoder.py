@@ -1,0 +1,249 @@
+"""AnchorCoder (Zhang et al., "Anchor Attention, Small Cache: Code Generation with Large Language
+Models", arXiv 2411.06680): line anchors for code.
+
+Only the abstract of the paper is confirmed; the rest follows the reconstruction and recommended
+defaults of ``shared/research/methods-anchor.md`` §2 (quoted as "note §x" below).
+
+- **TAA** (token-wise anchor attention): segment = one line, anchor = the token that ends it. The
+  anchor rule and both faces are :class:`~anchorcoder.methods.anchors.AnchorMethod`'s:
+  ``anchor_mode=newline`` makes every vocabulary token that contains ``"\\n"`` an anchor (merged BPE
+  tokens such as ``":\\n"`` or ``"\\n   "`` included; no new token); ``inserted`` adds ``<ANC>`` after
+  every newline. Defaults (note §2.2): BOS kept as a sink, anchors do not see earlier anchors, the
+  prompt is compressed too.
+- **LAA** (layer-wise anchor attention): layer ``l`` also attends to the anchor keys and values of a
+  source layer (``l - 1``, or one fixed layer ``s`` for every ``l > s``), under the same softmax as its
+  own keys. A query sees a source anchor when it would see that anchor in its own layer: anchors of
+  earlier lines, for non-anchor queries (anchor queries too with ``anchors_see_anchors``). Nothing is
+  stored twice: the engine reads the source layer's cached entries.
+- **MHPE** (multi-head positional encoding), **our reconstruction** (the paper's formula was not
+  recovered, note §2.3): the second half of the KV heads (and the query heads that read them) use the
+  line index as their rotary position instead of the token index, so those heads measure distance in
+  lines, which compression does not disturb. Implemented by turning the model's rotary embedding
+  further by ``line - token`` positions, for queries and (before they are cached) keys.
+
+Positions are absolute (tokens seen): masked training and pruned inference give the same logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from anchorcoder.methods.anchors import (
+    KEY_ANCHOR,
+    KEY_SEGMENT,
+    STEP,
+    AnchorMethod,
+    TrainingTokens,
+    add_anchor_token,
+    tokens_decoding_to,
+)
+from anchorcoder.registry import METHODS, ConfigError
+
+log = logging.getLogger(__name__)
+
+ANCHOR_MODES = ("newline", "inserted")
+
+
+@METHODS.register("anchorcoder")
+@dataclass
+class AnchorCoder(AnchorMethod):
+    name: ClassVar[str] = "anchorcoder"
+
+    sink_tokens: int = 1  # keep BOS (position 0): a deviation from AnLLM, note §2.2
+    anchor_mode: str = "newline"
+    anc_token: str = "<ANC>"
+    laa: bool = True
+    laa_source_layer: int | None = None  # None: the previous layer; s: layer s for every layer above it
+    mhpe: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.anchor_mode not in ANCHOR_MODES:
+            raise ConfigError(
+                f"method.anchor_mode of method=anchorcoder must be one of {', '.join(ANCHOR_MODES)}; "
+                f"got '{self.anchor_mode}'"
+            )
+        if self.laa_source_layer is not None and self.laa_source_layer < 0:
+            raise ConfigError(
+                f"method.laa_source_layer must be null or a layer index >= 0, got {self.laa_source_layer}"
+            )
+        self._inv_freq: torch.Tensor | None = None
+        self._num_layers = 0
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self, model, tokenizer) -> None:
+        super().prepare(model, tokenizer)
+        cfg = model.config.get_text_config()
+        self._num_layers = cfg.num_hidden_layers
+        if self.laa and self.laa_source_layer is not None and self.laa_source_layer >= self._num_layers - 1:
+            raise ConfigError(
+                f"method.laa_source_layer={self.laa_source_layer}: the model has {self._num_layers} layers "
+                f"(0..{self._num_layers - 1}) and no layer above it would read it"
+            )
+        if self.mhpe:
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            rotary = next((m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
+            if kv_heads < 2 or rotary is None or 2 * rotary.inv_freq.numel() != head_dim:
+                raise ConfigError(
+                    "method.mhpe=true needs >= 2 KV heads and a rotary embedding over the whole head "
+                    f"(got {kv_heads} KV heads, head_dim {head_dim}, rotary {rotary is not None})"
+                )
+            self._inv_freq = rotary.inv_freq.detach().float().clone()
+
+    def find_anchor_ids(self, model, tokenizer) -> list[int]:
+        if self.anchor_mode == "newline":
+            return tokens_decoding_to(tokenizer, lambda text: "\n" in text)
+        anc_id = add_anchor_token(model, tokenizer, self.anc_token, "mean")
+        self.hidden_token_ids = frozenset({anc_id})
+        return [anc_id]
+
+    def insert_anchors(self, text: str) -> str:
+        return text.replace("\n", "\n" + self.anc_token) if self.anchor_mode == "inserted" else text
+
+    @property
+    def reshapes_attention(self) -> bool:
+        return self.laa or self.mhpe
+
+    def source_layer(self, layer: int) -> int | None:
+        """The layer whose anchors layer ``layer`` also attends to (LAA), or None."""
+        if not self.laa:
+            return None
+        if self.laa_source_layer is None:
+            return layer - 1 if layer >= 1 else None
+        return self.laa_source_layer if layer > self.laa_source_layer else None
+
+    def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None):
+        """For a full sequence: positions ``[B, A]`` of the anchors every reading layer takes from its
+        source layer (-1 = none), and which queries see them, ``[B, 1, T, A]``."""
+        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths), self)
+        columns = self._laa_columns(view)
+        if columns is None:
+            return input_ids.new_zeros((input_ids.shape[0], 0)), torch.zeros(
+                input_ids.shape[0], 1, input_ids.shape[1], 0, dtype=torch.bool
+            )
+        index, visible, _ = columns
+        valid = torch.arange(index.shape[1])[None, :] < view.k_anchor.sum(-1, keepdim=True)
+        return torch.gather(view.tokens.pos, -1, index).masked_fill(~valid, -1), visible
+
+    # ------------------------------------------------------------------ attention
+    def adapt_attention(self, module, query, key, value, mask, source):
+        view = _View.of(source, self)
+        layer = module.layer_idx
+        if self.mhpe:
+            query, key = self._line_positions(view, query, key)
+        if view.training and any(self.source_layer(later) == layer for later in range(layer + 1, self._num_layers)):
+            view.tokens.layer_kv[layer] = (key, value)
+        src = self.source_layer(layer)
+        if src is None:
+            return query, key, value, mask
+        columns = self._laa_columns(view)
+        if columns is None:
+            return query, key, value, mask
+        index, visible, all_visible = columns
+        src_key, src_value = view.layer_kv(src)
+        gather = index[:, None, :, None].expand(-1, src_key.shape[1], -1, src_key.shape[-1])
+        key = torch.cat([torch.gather(src_key, 2, gather), key], dim=2)
+        value = torch.cat([torch.gather(src_value, 2, gather), value], dim=2)
+        if mask is None and all_visible and query.shape[2] == 1:
+            return query, key, value, None  # one query that sees every cached entry and every source anchor
+        if mask is None:
+            mask = view.base_mask(layer)
+        memo = view.memo.get("laa/mask")
+        if memo is None or memo[0] is not mask:  # training: one mask object for every layer
+            extra = visible.expand(mask.shape[0], mask.shape[1], -1, -1)
+            memo = view.memo["laa/mask"] = (mask, torch.cat([extra, mask], dim=-1))
+        return query, key, value, memo[1]
+
+    def _laa_columns(self, view: _View):
+        """(index ``[B, A]`` of the anchors among the keys, their visibility ``[B, 1, Q, A]``, whether
+        every column is visible), or None without anchors; the same for every layer of a step."""
+        if "laa/columns" not in view.memo:
+            count = view.k_anchor.sum(-1)
+            width = int(count.max()) if count.numel() else 0
+            if width == 0:
+                view.memo["laa/columns"] = None
+            else:
+                index = torch.argsort((~view.k_anchor).to(torch.int8), dim=-1, stable=True)[:, :width]
+                valid = torch.arange(width, device=index.device)[None, :] < count[:, None]
+                seg = torch.gather(view.k_seg, -1, index)
+                visible = valid[:, None, :] & (seg[:, None, :] < view.q_seg[:, :, None]) & view.q_real[:, :, None]
+                if not self.anchors_see_anchors:
+                    visible = visible & ~view.q_anchor[:, :, None]
+                view.memo["laa/columns"] = (index, visible[:, None], bool(visible.all()))
+        return view.memo["laa/columns"]
+
+    def _line_positions(self, view: _View, query, key):
+        """MHPE (our reconstruction): the second half of the KV heads and their query heads rotate at
+        the line index. RoPE rotations compose, so turning a key rotated at token ``p`` by ``line - p``
+        gives the key rotated at ``line``. New keys are turned before they are cached."""
+        if "mhpe/rotation" not in view.memo:
+            delta = (view.q_seg - view.q_pos.clamp(min=0)).float()
+            angles = delta[:, None, :, None] * self._inv_freq.to(delta.device)
+            angles = torch.cat([angles, angles], dim=-1)
+            view.memo["mhpe/rotation"] = (angles.cos().to(query.dtype), angles.sin().to(query.dtype))
+        cos, sin = view.memo["mhpe/rotation"]
+        kv_heads, heads = key.shape[1], query.shape[1]
+        first_kv = kv_heads - kv_heads // 2
+        query = _turn_heads(query, first_kv * (heads // kv_heads), cos, sin)
+        fed = query.shape[2]
+        if view.training:
+            key = _turn_heads(key, first_kv, cos, sin)
+        else:  # the step's keys, in place in the cache: every later step reads them turned
+            new = key[:, first_kv:, -fed:]
+            new.copy_(_turn_heads(new, 0, cos, sin))
+        return query, key
+
+
+def _turn_heads(x: torch.Tensor, first_head: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Heads ``first_head:`` of ``x`` ``[B, H, T, D]`` rotated by ``cos``/``sin`` ``[B, 1, T, D]`` (the
+    rotate-half convention of Llama-family rotary embeddings)."""
+    part = x[:, first_head:]
+    half = part.shape[-1] // 2
+    turned = part * cos + torch.cat([-part[..., half:], part[..., :half]], dim=-1) * sin
+    return turned if first_head == 0 else torch.cat([x[:, :first_head], turned], dim=1)
+
+
+@dataclass
+class _View:
+    """What :meth:`AnchorCoder.adapt_attention` needs of one forward, from either face: segment and
+    anchor flag of the queries and of the keys (the same for every layer), per-step memo, and where a
+    layer's keys and values are (the cache in the engine; this forward's attention calls in training)."""
+
+    training: bool
+    q_seg: torch.Tensor
+    q_anchor: torch.Tensor
+    q_pos: torch.Tensor
+    k_seg: torch.Tensor
+    k_anchor: torch.Tensor
+    memo: dict
+    tokens: TrainingTokens | None = None
+    cache: object = None
+
+    @property
+    def q_real(self) -> torch.Tensor:
+        return self.q_pos >= 0
+
+    @staticmethod
+    def of(source, method: AnchorMethod) -> _View:
+        if isinstance(source, TrainingTokens):
+            t = source
+            return _View(True, t.seg, t.anchor, t.pos, t.seg, t.anchor, t.memo, tokens=t)
+        state = source.method_state
+        step = state[STEP]
+        return _View(
+            False, step["seg"], step["anchor"], source.step_positions, state[KEY_SEGMENT], state[KEY_ANCHOR],
+            step, cache=source,
+        )  # fmt: skip
+
+    def layer_kv(self, layer: int):
+        if self.training:
+            return self.tokens.layer_kv[layer]
+        return self.cache.keys[layer], self.cache.values[layer]
+
+    def base_mask(self, layer: int) -> torch.Tensor:
+        return self.cache.base_mask(layer)  # training always passes its mask
