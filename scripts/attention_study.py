@@ -6,9 +6,10 @@ per problem with attention weights, and per layer, averaged over heads, query ro
 - the **Gini coefficient** of each attention row (0 = uniform over the keys it may see, (n-1)/n = all on
   one key): ``G = (1/n) * sum_k (2k - n - 1) a_(k)``, ``a`` sorted ascending over the row's ``n`` keys;
 - the **sum of the two largest weights** of each row;
-- the **newline share**: how often a row's most-attended key is a token containing a newline (the
-  line anchors), next to the chance level (the share of newline tokens among the keys a row sees), and
-  how often it is the first token (the attention sink, which a line anchor cannot be).
+- **where each row's largest weight goes**, three exclusive groups: the first token (the attention
+  sink; SmolLM2 adds no BOS and most HumanEval prompts start with ``"\n"``, so it is counted apart), a
+  later token containing a newline (the line anchors), anything else; next to the newline share by
+  chance (newline tokens among the keys a row sees, the first token excluded).
 
 Rows before ``--skip`` (default 16) are left out: with a handful of keys the Gini is meaningless.
 The paper reports Gini above 0.9 in most layers and about 80 % of the weight on the top two keys.
@@ -80,6 +81,7 @@ def main() -> None:
         with torch.inference_mode():
             attentions = model(input_ids=ids.to(device), output_attentions=True).attentions
         is_newline = newline[ids[0]]
+        is_newline[0] = False  # the first token is the sink, counted apart (most HumanEval prompts start with "\n")
         seen_newlines = is_newline.double().cumsum(0)[args.skip :] / torch.arange(args.skip + 1, length + 1)
         rows = attentions[0].shape[1] * (length - args.skip)  # heads x rows
         chance += seen_newlines.sum().item() * attentions[0].shape[1]
@@ -108,10 +110,22 @@ def main() -> None:
     out = ROOT / "outputs" / "study" / f"attention_{loaded.info['name']}_{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
-    columns = ["gini", "gini>0.9", "top2", "newline", "first"]
+    means["other"] = [1 - f - n for f, n in zip(means["first"], means["newline"], strict=True)]
+    summary["mean_over_layers"]["other"] = sum(means["other"]) / layers
+    columns = ["gini", "gini>0.9", "top2", "first", "newline", "other"]
     with open(out / "layers.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["layer", "gini", "rows_gini_above_0.9", "top2_sum", "top_key_newline", "top_key_first_token"])
+        writer.writerow(
+            [
+                "layer",
+                "gini",
+                "rows_gini_above_0.9",
+                "top2_sum",
+                "top_key_first_token",
+                "top_key_newline",
+                "top_key_other",
+            ]
+        )
         for layer in range(layers):
             writer.writerow([layer, *(f"{means[c][layer]:.4f}" for c in columns)])
     plot(means, summary, out / "attention_study.png")
@@ -120,8 +134,10 @@ def main() -> None:
         f"\n{loaded.info['name']}: {len(problems)} HumanEval problems (prompt + canonical solution), {tokens} tokens, "
         f"rows from {args.skip} on; newline keys by chance: {summary['newline_chance']:.3f}"
     )
-    print("\n| layer | Gini | rows with Gini > 0.9 | top-2 sum | top key is a newline | top key is the first token |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| layer | Gini | rows with Gini > 0.9 | top-2 sum | top key: first token | top key: a later newline | other |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for layer in range(layers):
         print(f"| {layer} | " + " | ".join(f"{means[c][layer]:.3f}" for c in columns) + " |")
     m = summary["mean_over_layers"]
@@ -143,7 +159,7 @@ def plot(means: dict, summary: dict, path: Path) -> None:
     left.axhline(0.9, color="grey", linestyle=":", linewidth=1, label="Gini 0.9")
     left.set(xlabel="layer", ylim=(0, 1.02), title="attention concentration per row")
     left.legend(loc="lower right")
-    right.plot(layers, means["newline"], marker="o", label="top key is a newline token")
+    right.plot(layers, means["newline"], marker="o", label="top key is a later newline token")
     right.plot(layers, means["first"], marker="s", label="top key is the first token")
     right.axhline(summary["newline_chance"], color="grey", linestyle=":", linewidth=1, label="newline keys by chance")
     right.set(xlabel="layer", ylim=(0, 1.02), title="where each row's largest weight goes")

@@ -122,12 +122,12 @@ class AnchorCoder(AnchorMethod):
         source layer (-1 = none), and which queries see them, ``[B, 1, T, A]``."""
         view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths), self)
         columns = self._laa_columns(view)
+        batch, length = input_ids.shape
         if columns is None:
-            return input_ids.new_zeros((input_ids.shape[0], 0)), torch.zeros(
-                input_ids.shape[0], 1, input_ids.shape[1], 0, dtype=torch.bool
-            )
+            none = torch.zeros(batch, 1, length, 0, dtype=torch.bool, device=input_ids.device)
+            return input_ids.new_zeros((batch, 0)), none
         index, visible, _ = columns
-        valid = torch.arange(index.shape[1])[None, :] < view.k_anchor.sum(-1, keepdim=True)
+        valid = torch.arange(index.shape[1], device=index.device)[None, :] < view.k_anchor.sum(-1, keepdim=True)
         return torch.gather(view.tokens.pos, -1, index).masked_fill(~valid, -1), visible
 
     # ------------------------------------------------------------------ attention

@@ -153,11 +153,16 @@ class AnchorMethod(KVMethod):
 
     def training_tokens(self, input_ids, padding_mask=None, prompt_lengths=None) -> TrainingTokens:
         """The rule's view of a right-padded batch. ``prompt_lengths`` ``[B]``: tokens of each row that
-        inference would feed as the prompt; they matter only with ``compress_prompt=False`` (None = 0)."""
+        inference would feed as the prompt; needed (only) with ``compress_prompt=False``."""
         real, pos = real_tokens(input_ids, padding_mask)
         anchor = self.is_anchor(input_ids) & real
         sink = torch.full((input_ids.shape[0],), self.sink_tokens, dtype=torch.long, device=input_ids.device)
-        if not self.compress_prompt and prompt_lengths is not None:
+        if not self.compress_prompt:
+            if prompt_lengths is None:
+                raise ValueError(
+                    f"method={self.name} with compress_prompt=false needs prompt_lengths (the tokens of each row "
+                    "that inference feeds as the prompt; zeros for plain text)"
+                )
             prompt = torch.as_tensor(prompt_lengths, dtype=torch.long, device=input_ids.device)
             anchor = anchor & (pos >= prompt[:, None])
             sink = torch.maximum(sink, prompt)
@@ -199,12 +204,10 @@ class AnchorMethod(KVMethod):
         state = cache.method_state
         real = step.positions >= 0
         q_anchor = self.is_anchor(step.input_ids) & real
-        if SINK not in state:  # the first step of a batch feeds the prompt
-            sink = torch.full_like(step.positions[:, 0], self.sink_tokens)
-            if not self.compress_prompt:
-                sink = torch.maximum(sink, real.sum(-1))
-            state[SINK] = sink
-        if not self.compress_prompt and step.phase == "prefill":
+        if SINK not in state:
+            state[SINK] = torch.full_like(step.positions[:, 0], self.sink_tokens)
+        if not self.compress_prompt and step.phase == "prefill":  # the prompt: kept whole, no anchors
+            state[SINK] = torch.maximum(state[SINK], step.positions.max(-1).values + 1)
             q_anchor = torch.zeros_like(q_anchor)
         open_seg = state.get(OPEN_SEGMENT)
         if open_seg is None:
@@ -270,7 +273,9 @@ def masked_forward(model, method: AnchorMethod, input_ids, padding_mask=None, pr
     With ``flex_attention`` models the mask is a FlexAttention BlockMask; otherwise (and for methods
     that reshape attention, e.g. AnchorCoder's LAA) the boolean mask goes through our attention
     function (:func:`~anchorcoder.generation.attention.engine_attention`, with the model's ``sdpa`` or
-    ``eager`` kernel), which skips the blocks above the diagonal.
+    ``eager`` kernel), which skips the blocks above the diagonal. With gradient checkpointing, keep the
+    model routed (``with engine_attention(model):`` around forward and backward, non-reentrant
+    checkpointing) so that recomputed layers see the method's attention again.
     """
     from anchorcoder.generation.attention import causal_masks, engine_attention
 
