@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -52,6 +53,19 @@ def random_ids(anchor: int, length: int, seed: int) -> torch.Tensor:
     where[:, 0] = False
     ids[where] = anchor
     return ids
+
+
+def float64_norms(model) -> None:
+    """Make RMSNorm layers compute in the model's dtype: transformers' Llama/Qwen2 RMSNorm casts to
+    float32 inside, so a float64 model still rounds there (and a 1e-14 difference can flip a float32
+    rounding). Same formula: ``weight * x / sqrt(mean(x^2) + eps)``."""
+
+    def forward(self, hidden):
+        return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(forward, module)
 
 
 def hf_floor(model, ids: torch.Tensor, prefill: int) -> float:
@@ -89,6 +103,7 @@ def main() -> None:
             method = build_method(options)
             method.prepare(model, tokenizer)
             model64 = copy.deepcopy(model).double()
+            float64_norms(model64)
             for dtype, net in (("float32", model), ("float64", model64)):
                 worst = {name: 0.0 for name in schedules}
                 off64 = 0.0

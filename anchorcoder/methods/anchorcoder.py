@@ -120,7 +120,7 @@ class AnchorCoder(AnchorMethod):
     def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None):
         """For a full sequence: positions ``[B, A]`` of the anchors every reading layer takes from its
         source layer (-1 = none), and which queries see them, ``[B, 1, T, A]``."""
-        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths), self)
+        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths))
         columns = self._laa_columns(view)
         batch, length = input_ids.shape
         if columns is None:
@@ -132,7 +132,7 @@ class AnchorCoder(AnchorMethod):
 
     # ------------------------------------------------------------------ attention
     def adapt_attention(self, module, query, key, value, mask, source):
-        view = _View.of(source, self)
+        view = _View.of(source)
         layer = module.layer_idx
         if self.mhpe:
             query, key = self._line_positions(view, query, key)
@@ -154,7 +154,7 @@ class AnchorCoder(AnchorMethod):
         if mask is None:
             mask = view.base_mask(layer)
         memo = view.memo.get("laa/mask")
-        if memo is None or memo[0] is not mask:  # training: one mask object for every layer
+        if memo is None or memo[0] is not mask:  # hits in training (one mask for all layers), not in the engine
             extra = visible.expand(mask.shape[0], mask.shape[1], -1, -1)
             memo = view.memo["laa/mask"] = (mask, torch.cat([extra, mask], dim=-1))
         return query, key, value, memo[1]
@@ -229,7 +229,7 @@ class _View:
         return self.q_pos >= 0
 
     @staticmethod
-    def of(source, method: AnchorMethod) -> _View:
+    def of(source) -> _View:
         if isinstance(source, TrainingTokens):
             t = source
             return _View(True, t.seg, t.anchor, t.pos, t.seg, t.anchor, t.memo, tokens=t)
