@@ -54,7 +54,7 @@ def test_every_group_option_validates(group):
 def test_bad_values_name_their_key():
     with pytest.raises(ConfigError, match=r"benchmark.limit"):
         validate(compose_config(overrides=["benchmark.limit=0"]))
-    with pytest.raises(ConfigError, match=r"Unknown method 'nope'.*Valid: anllm, dense"):
+    with pytest.raises(ConfigError, match=r"Unknown method 'nope'.*Valid: anchorcoder, anllm, dense"):
         validate(compose_config(overrides=["method.name=nope"]))
     with pytest.raises(ConfigError, match=r"method.window"):
         validate(compose_config(overrides=["+method.window=3"]))
@@ -121,6 +121,24 @@ def test_anllm_ac_eval_run_compresses_and_hides_its_token(tmp_path):
     assert all(ac in x["prompt_token_ids"] for x in lines)
     assert all("<AC>" not in x["text"] and "<AC>" not in x["completion"] for x in lines)
     assert 0.0 < metrics["kv/reduction_final"] < 1.0 and metrics["kv/reduction_peak"] >= 0.0
+
+
+def test_anchorcoder_eval_run_checks_against_the_rule(tmp_path, tiny):
+    """method=anchorcoder end to end (TAA + LAA + MHPE): every sample's recorded entries equal what the
+    rule keeps (first token, past line anchors, the open line) for the tokens it fed."""
+    from anchorcoder.methods.anchors import kept_count
+
+    overrides = [*TINY_RUN, "method=anchorcoder", "method.mhpe=true", "generation.batch_size=2"]
+    metrics = run_eval(compose_config(overrides=overrides), tmp_path)
+    texts = tiny.tokenizer.batch_decode([[i] for i in range(len(tiny.tokenizer))])
+    newline_ids = {i for i, text in enumerate(texts) if "\n" in text}
+    for line in (tmp_path / "generations.jsonl").read_text().splitlines():
+        x = json.loads(line)
+        fed = x["prompt_token_ids"] + x["token_ids"]
+        fed = fed if x["finish_reason"] == "eos" else fed[:-1]  # the last sampled token is never fed
+        kept = kept_count([t in newline_ids for t in fed], sink_tokens=1)
+        assert x["kv"]["entries_final"] == kept * 2 * 2  # x layers x KV heads of the tiny model
+    assert 0.5 < metrics["kv/reduction_final"] < 1.0
 
 
 def test_local_pretrained_folder_loads_like_a_hub_model(tmp_path, tiny):
