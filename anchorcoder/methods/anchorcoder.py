@@ -39,6 +39,7 @@ from anchorcoder.methods.anchors import (
     AnchorMethod,
     TrainingTokens,
     add_anchor_token,
+    earlier_anchors,
     tokens_decoding_to,
 )
 from anchorcoder.registry import METHODS, ConfigError
@@ -117,6 +118,13 @@ class AnchorCoder(AnchorMethod):
             return layer - 1 if layer >= 1 else None
         return self.laa_source_layer if layer > self.laa_source_layer else None
 
+    def _is_source(self, layer: int) -> bool:
+        if not self.laa:
+            return False
+        if self.laa_source_layer is None:
+            return layer < self._num_layers - 1
+        return layer == self.laa_source_layer
+
     def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None):
         """For a full sequence: positions ``[B, A]`` of the anchors every reading layer takes from its
         source layer (-1 = none), and which queries see them, ``[B, 1, T, A]``."""
@@ -136,7 +144,7 @@ class AnchorCoder(AnchorMethod):
         layer = module.layer_idx
         if self.mhpe:
             query, key = self._line_positions(view, query, key)
-        if view.training and any(self.source_layer(later) == layer for later in range(layer + 1, self._num_layers)):
+        if view.training and self._is_source(layer):  # the engine reads source layers from its cache
             view.tokens.layer_kv[layer] = (key, value)
         src = self.source_layer(layer)
         if src is None:
@@ -171,9 +179,10 @@ class AnchorCoder(AnchorMethod):
                 index = torch.argsort((~view.k_anchor).to(torch.int8), dim=-1, stable=True)[:, :width]
                 valid = torch.arange(width, device=index.device)[None, :] < count[:, None]
                 seg = torch.gather(view.k_seg, -1, index)
-                visible = valid[:, None, :] & (seg[:, None, :] < view.q_seg[:, :, None]) & view.q_real[:, :, None]
-                if not self.anchors_see_anchors:
-                    visible = visible & ~view.q_anchor[:, :, None]
+                visible = earlier_anchors(
+                    view.q_seg[:, :, None], view.q_anchor[:, :, None], seg[:, None, :], valid[:, None, :],
+                    self.anchors_see_anchors,
+                ) & view.q_real[:, :, None]  # fmt: skip
                 view.memo["laa/columns"] = (index, visible[:, None], bool(visible.all()))
         return view.memo["laa/columns"]
 

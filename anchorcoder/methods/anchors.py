@@ -56,14 +56,18 @@ def real_tokens(input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> t
     return real, (real.long().cumsum(-1) - 1).masked_fill(~real, -1)
 
 
+def earlier_anchors(q_seg, q_anchor, k_seg, k_anchor, anchors_see_anchors: bool = False) -> torch.Tensor:
+    """Keys that are anchors of earlier segments, where the query may see them: non-anchor queries
+    (every query with ``anchors_see_anchors``). Broadcasts like :func:`anchor_rule`."""
+    visible = k_anchor & (k_seg < q_seg)
+    return visible if anchors_see_anchors else visible & ~q_anchor
+
+
 def anchor_rule(q_seg, q_anchor, k_seg, k_anchor, k_pos, sink=0, anchors_see_anchors: bool = False):
     """Who may see whom, causality and padding aside; arguments broadcast (queries ``[..., Q, 1]``,
     keys ``[..., 1, S]``). ``sink``: positions below it are visible to all (an int, or a tensor that
     broadcasts against ``k_pos``, e.g. per-row prompt lengths)."""
-    earlier_anchor = k_anchor & (k_seg < q_seg)
-    if not anchors_see_anchors:
-        earlier_anchor = earlier_anchor & ~q_anchor
-    visible = (q_seg == k_seg) | earlier_anchor
+    visible = (q_seg == k_seg) | earlier_anchors(q_seg, q_anchor, k_seg, k_anchor, anchors_see_anchors)
     if isinstance(sink, torch.Tensor) or sink:
         visible = visible | ((k_pos >= 0) & (k_pos < sink))
     return visible
