@@ -209,7 +209,12 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         info["benchmark"] = {**benchmark.describe(), "prompt_style": style}
         write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
-        if method.trained:
+        trained_with = _adapter_method(model_cfg.get("adapter"))
+        if trained_with and trained_with != method.name:
+            log.warning(
+                "model.adapter was trained with method=%s; evaluating it with method=%s", trained_with, method.name
+            )
+        if method.trained and not model_cfg.get("adapter"):
             log.warning(
                 "method=%s is meant for a model fine-tuned under it (train.py); a model that was not "
                 "keeps its cache figures but loses quality",
@@ -221,7 +226,8 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         prompt_ids = [method.encode(tokenizer, text, add_special_tokens=(style == "completion")) for text in prompts]
         targets = None
         if benchmark.kind == "perplexity":
-            targets = [tokenizer(p.data["target"], add_special_tokens=False).input_ids for p in problems]
+            # anchors a method inserts (AnLLM-AC's <AC>) are in the target as they would be generated
+            targets = [method.encode(tokenizer, p.data["target"], add_special_tokens=False) for p in problems]
         parts.settings.stop = benchmark.stop_strings(style)
         engine = GenerationEngine(model, tokenizer, method, parts.settings)
         stats_path = out / "engine_stats.json"
@@ -233,7 +239,7 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         )
         if benchmark.kind == "perplexity":
             sources = {p.task_id: p.data["source"] for p in problems}
-            results = [_perplexity_result(r, sources[r["task_id"]]) for r in records]
+            results = [_perplexity_result(r, sources[r["task_id"]], method.hidden_token_ids) for r in records]
             metrics = perplexity_metrics(results)
         else:
             results = _check_with_progress(benchmark, problems, records, style, parts.execution)
@@ -271,8 +277,16 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         parts.tracker.finish(failed=failed)
 
 
-def _perplexity_result(record: dict, source: str) -> dict:
-    n = len(record["token_ids"])
+def _adapter_method(adapter: str | None) -> str | None:
+    """The method a ``model.adapter`` run was trained with (its ``method.yaml``), if known."""
+    from anchorcoder.models.loading import adapter_folder
+
+    saved = adapter_folder(adapter) / "method.yaml" if adapter else None
+    return OmegaConf.load(saved).get("name") if saved is not None and saved.exists() else None
+
+
+def _perplexity_result(record: dict, source: str, hidden: frozenset[int]) -> dict:
+    n = sum(1 for t in record["token_ids"] if t not in hidden)  # scored tokens: inserted anchors are not
     return {
         "task_id": record["task_id"],
         "source": source,

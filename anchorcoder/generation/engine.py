@@ -345,8 +345,9 @@ class GenerationEngine:
                 next_tokens = [targets[rows[row][0]][step] for row in alive]
                 chosen = torch.tensor(next_tokens, device=self.device)[:, None]
                 logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
-                for slot, row in enumerate(alive):
-                    nll[row] -= logprobs[slot]
+                for slot, row in enumerate(alive):  # tokens the method inserts are fed, not scored
+                    if next_tokens[slot] not in self.method.hidden_token_ids:
+                        nll[row] -= logprobs[slot]
             keep_slots = []
             for slot, row in enumerate(alive):
                 token = next_tokens[slot]

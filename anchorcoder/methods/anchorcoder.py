@@ -125,10 +125,10 @@ class AnchorCoder(AnchorMethod):
             return layer < self._num_layers - 1
         return layer == self.laa_source_layer
 
-    def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None):
+    def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None):
         """For a full sequence: positions ``[B, A]`` of the anchors every reading layer takes from its
         source layer (-1 = none), and which queries see them, ``[B, 1, T, A]``."""
-        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths))
+        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids))
         columns = self._laa_columns(view)
         batch, length = input_ids.shape
         if columns is None:
@@ -183,6 +183,9 @@ class AnchorCoder(AnchorMethod):
                     view.q_seg[:, :, None], view.q_anchor[:, :, None], seg[:, None, :], valid[:, None, :],
                     self.anchors_see_anchors,
                 ) & view.q_real[:, :, None]  # fmt: skip
+                doc = view.tokens.doc if view.training else None
+                if doc is not None:  # packed rows: no anchor of another document
+                    visible = visible & (doc[:, :, None] == torch.gather(doc, -1, index)[:, None, :])
                 view.memo["laa/columns"] = (index, visible[:, None], bool(visible.all()))
         return view.memo["laa/columns"]
 

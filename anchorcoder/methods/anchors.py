@@ -50,10 +50,20 @@ def segment_ids(is_anchor: torch.Tensor, start: torch.Tensor | int = 0) -> torch
     return start + a.cumsum(-1) - a
 
 
-def real_tokens(input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real ``[B, T]`` bool, absolute position of every real token with ``-1`` for padding)."""
+def real_tokens(
+    input_ids: torch.Tensor, padding_mask: torch.Tensor | None, doc_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real ``[B, T]`` bool, absolute position of every real token with ``-1`` for padding).
+
+    ``doc_ids`` ``[B, T]`` (packed rows): positions restart at 0 where the document id changes."""
     real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
-    return real, (real.long().cumsum(-1) - 1).masked_fill(~real, -1)
+    pos = real.long().cumsum(-1) - 1
+    if doc_ids is not None:
+        index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        starts = torch.ones_like(real)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        pos = index - torch.cummax(index * starts, dim=-1).values
+    return real, pos.masked_fill(~real, -1)
 
 
 def earlier_anchors(q_seg, q_anchor, k_seg, k_anchor, anchors_see_anchors: bool = False) -> torch.Tensor:
@@ -82,6 +92,7 @@ class TrainingTokens:
     seg: torch.Tensor
     pos: torch.Tensor  # absolute position, -1 = padding
     sink: torch.Tensor  # [B]: positions below it are seen by all
+    doc: torch.Tensor | None = None  # packed rows: document of every token; nothing crosses documents
     layer_kv: dict = field(default_factory=dict)  # layer -> (keys, values) as its attention saw them
     memo: dict = field(default_factory=dict)  # per-forward work shared by the layers
 
@@ -155,10 +166,11 @@ class AnchorMethod(KVMethod):
             "labels": input_ids.masked_fill(~padding_mask, IGNORE_INDEX),
         }
 
-    def training_tokens(self, input_ids, padding_mask=None, prompt_lengths=None) -> TrainingTokens:
+    def training_tokens(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None) -> TrainingTokens:
         """The rule's view of a right-padded batch. ``prompt_lengths`` ``[B]``: tokens of each row that
-        inference would feed as the prompt; needed (only) with ``compress_prompt=False``."""
-        real, pos = real_tokens(input_ids, padding_mask)
+        inference would feed as the prompt; needed (only) with ``compress_prompt=False``. ``doc_ids``
+        ``[B, T]``: packed documents; each is its own sequence (positions from 0, its own sinks)."""
+        real, pos = real_tokens(input_ids, padding_mask, doc_ids)
         anchor = self.is_anchor(input_ids) & real
         sink = torch.full((input_ids.shape[0],), self.sink_tokens, dtype=torch.long, device=input_ids.device)
         if not self.compress_prompt:
@@ -170,32 +182,30 @@ class AnchorMethod(KVMethod):
             prompt = torch.as_tensor(prompt_lengths, dtype=torch.long, device=input_ids.device)
             anchor = anchor & (pos >= prompt[:, None])
             sink = torch.maximum(sink, prompt)
-        return TrainingTokens(real=real, anchor=anchor, seg=segment_ids(anchor), pos=pos, sink=sink)
+        return TrainingTokens(real=real, anchor=anchor, seg=segment_ids(anchor), pos=pos, sink=sink, doc=doc_ids)
 
-    def attention_mask(self, input_ids, padding_mask=None, prompt_lengths=None) -> torch.Tensor:
+    def attention_mask(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None) -> torch.Tensor:
         """Boolean ``[B, 1, T, T]`` (True = visible) of the rule; padding sees only itself (no empty row)."""
-        return self.rule_mask(self.training_tokens(input_ids, padding_mask, prompt_lengths))
+        return self.rule_mask(self.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids))
 
     def rule_mask(self, t: TrainingTokens) -> torch.Tensor:
-        index = torch.arange(t.real.shape[1], device=t.real.device)
-        causal = index[None, :] <= index[:, None]
         visible = anchor_rule(
             t.seg[:, :, None], t.anchor[:, :, None], t.seg[:, None, :], t.anchor[:, None, :], t.pos[:, None, :],
             t.sink[:, None, None], self.anchors_see_anchors,
         )  # fmt: skip
-        visible = visible & causal & t.real[:, :, None] & t.real[:, None, :]
-        visible = visible | ((index[:, None] == index[None, :]) & ~t.real[:, :, None])
-        return visible[:, None]
+        return document_mask(visible, t.real, t.doc)
 
-    def block_mask(self, input_ids, padding_mask=None, prompt_lengths=None, block_size: int = 128):
+    def block_mask(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None, block_size: int = 128):
         """The same rule as a FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        t = self.training_tokens(input_ids, padding_mask, prompt_lengths)
+        t = self.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids)
         real, anchor, seg, pos, sink, see = t.real, t.anchor, t.seg, t.pos, t.sink, self.anchors_see_anchors
+        doc = t.doc if t.doc is not None else torch.zeros_like(seg)
 
         def mask_mod(b, h, q, k):
             rule = anchor_rule(seg[b, q], anchor[b, q], seg[b, k], anchor[b, k], pos[b, k], sink[b], see)
+            rule = rule & (doc[b, q] == doc[b, k])
             return (rule & (k <= q) & real[b, q] & real[b, k]) | ((q == k) & ~real[b, q])
 
         batch, length = input_ids.shape
@@ -265,14 +275,31 @@ class AnchorMethod(KVMethod):
         state[KEY_ANCHOR] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
 
 
+def document_mask(visible: torch.Tensor | bool, real: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+    """A full-sequence boolean mask ``[B, 1, T, T]``: ``visible`` (a rule, or True for dense) within
+    causality, real tokens and documents; a padding row sees only itself, so no row is empty."""
+    index = torch.arange(real.shape[1], device=real.device)
+    diagonal = index[:, None] == index[None, :]
+    visible = visible & (index[None, :] <= index[:, None]) & real[:, :, None] & real[:, None, :]
+    if doc is not None:
+        visible = visible & (doc[:, :, None] == doc[:, None, :])
+    return (visible | (diagonal & ~real[:, :, None]))[:, None]
+
+
 def kept_count(is_anchor: list[bool], sink_tokens: int = 0) -> int:
     """Entries per layer and KV head the rule keeps after a stream (a check for tests and scripts)."""
     last = max((i for i, a in enumerate(is_anchor) if a), default=-1)
     return sum(1 for i, a in enumerate(is_anchor) if a or i > last or i < sink_tokens)
 
 
-def masked_forward(model, method: AnchorMethod, input_ids, padding_mask=None, prompt_lengths=None, **kwargs):
+def masked_forward(
+    model, method: KVMethod, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None, unwrapped=None, **kwargs
+):
     """One forward of ``input_ids`` under the method's training mask, at absolute positions.
+
+    ``doc_ids`` ``[B, T]`` marks packed documents: no attention crosses them and positions restart.
+    A method without a training face (dense) gets the plain causal mask within documents.
+    ``unwrapped``: the transformers model when ``model`` is a wrapper that runs it (DeepSpeed, DDP).
 
     With ``flex_attention`` models the mask is a FlexAttention BlockMask; otherwise (and for methods
     that reshape attention, e.g. AnchorCoder's LAA) the boolean mask goes through our attention
@@ -284,14 +311,20 @@ def masked_forward(model, method: AnchorMethod, input_ids, padding_mask=None, pr
     from anchorcoder.generation.attention import causal_masks, engine_attention
 
     kwargs.setdefault("use_cache", False)
-    tokens = method.training_tokens(input_ids, padding_mask, prompt_lengths)
+    unwrapped = model if unwrapped is None else unwrapped
+    if not isinstance(method, AnchorMethod):
+        real, pos = real_tokens(input_ids, padding_mask, doc_ids)
+        with engine_attention(unwrapped), causal_masks():
+            mask = document_mask(True, real, doc_ids)
+            return model(input_ids=input_ids, attention_mask=mask, position_ids=pos.clamp(min=0), **kwargs)
+    tokens = method.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids)
     positions = tokens.pos.clamp(min=0)
-    if model.config._attn_implementation == "flex_attention" and not method.reshapes_attention:
-        mask = method.block_mask(input_ids, padding_mask, prompt_lengths)
+    if unwrapped.config._attn_implementation == "flex_attention" and not method.reshapes_attention:
+        mask = method.block_mask(input_ids, padding_mask, prompt_lengths, doc_ids)
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
     if method.reshapes_attention:
         kwargs.update(kv_method=method, kv_tokens=tokens)
-    with engine_attention(model), causal_masks():
+    with engine_attention(unwrapped), causal_masks():
         return model(input_ids=input_ids, attention_mask=method.rule_mask(tokens), position_ids=positions, **kwargs)
 
 

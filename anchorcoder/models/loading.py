@@ -72,6 +72,52 @@ def check_model_config(cfg: dict) -> None:
             f"model.attn_implementation must be one of {', '.join(KERNELS)}; got '{cfg.get('attn_implementation')}'"
         )
     source.check(cfg)
+    if cfg.get("adapter"):
+        adapter_folder(cfg["adapter"])
+
+
+def adapter_folder(path: str) -> Path:
+    """What ``model.adapter`` names: a training run folder (its ``final/``, else its newest
+    ``checkpoint-N``), or one of those folders itself. It holds a LoRA adapter or full weights."""
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model.adapter '{path}' is not a folder (give a train.py run folder or its final/)")
+    if (folder / "final").is_dir():
+        return folder / "final"
+    checkpoints = sorted(
+        folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1
+    )
+    if not _is_weights(folder) and checkpoints:
+        log.warning("model.adapter: %s has no final/ (an unfinished run); using %s", folder, checkpoints[-1].name)
+        return checkpoints[-1]
+    if not _is_weights(folder):
+        raise ConfigError(
+            f"model.adapter '{path}' holds no adapter (adapter_config.json) or model (config.json), and no "
+            "final/ or checkpoint-N/ of a train.py run"
+        )
+    return folder
+
+
+def _is_weights(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists() or (folder / "config.json").exists()
+
+
+def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype):
+    """The trained model of ``model.adapter``: a LoRA adapter merged into ``model``, or full weights
+    that replace it. The run's tokenizer comes along (tokens a method added, e.g. ``<AC>``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = adapter_folder(path)
+    if (folder / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not (folder / "adapter_config.json").exists():  # full fine-tuning: the folder is a model
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), tokenizer, f"{folder} (full weights)"
+    from peft import PeftModel
+
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows the adapter brings
+    model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return model, tokenizer, f"{folder} (LoRA, merged)"
 
 
 # ---------------------------------------------------------------------------- sources
@@ -226,6 +272,9 @@ def load_model(cfg: dict, device: str = "auto") -> LoadedModel:
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.get("dtype", "auto"), dev)
     model, tokenizer, revision = MODEL_SOURCES.get(cfg["source"]).load(cfg, dev, dtype)
+    adapter = None
+    if cfg.get("adapter"):
+        model, tokenizer, adapter = apply_adapter(model, tokenizer, cfg["adapter"], dtype)
     model.to(dev).eval()
     set_kernel(model, cfg.get("attn_implementation", "sdpa"))
     if tokenizer.pad_token_id is None:
@@ -235,6 +284,7 @@ def load_model(cfg: dict, device: str = "auto") -> LoadedModel:
         "name": cfg["name"],
         "source": cfg["source"],
         "revision": revision,
+        "adapter": adapter,
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(dev),
         "attn_implementation": cfg.get("attn_implementation", "sdpa"),

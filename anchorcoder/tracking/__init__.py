@@ -23,6 +23,8 @@ class Tracker:
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None: ...
 
+    def log_artifact(self, path: str, name: str, kind: str) -> None: ...
+
     def finish(self, failed: bool = False) -> None: ...
 
 
@@ -76,6 +78,11 @@ class WandbTracker(Tracker):
     def log_table(self, key, columns, rows):
         if self.log_generations:
             self._run.log({key: self._wandb.Table(columns=columns, data=rows)})
+
+    def log_artifact(self, path, name, kind):
+        artifact = self._wandb.Artifact(name=name.replace("/", "-"), type=kind)
+        artifact.add_dir(path)
+        self._run.log_artifact(artifact)
 
     def finish(self, failed=False):
         if self._run is not None:

@@ -1,0 +1,386 @@
+"""``train.py``'s job: model + method + data -> a fine-tuned adapter (LoRA) or model (full).
+
+The HF ``Trainer`` runs the loop (DeepSpeed, DDP, checkpoints, resume); :class:`MethodTrainer`
+changes one thing, the forward: every batch goes through the method's training face
+(:func:`~anchorcoder.methods.anchors.masked_forward`: its anchors, positions and attention mask,
+within packed documents). Dense is the control: same data, plain causal mask.
+
+Run folder (Hydra's output dir):
+
+- ``config.yaml``, ``run_info.json``   the resolved config; versions, model revision, data sizes
+- ``train_log.jsonl``                  every logged step: loss, lr, grad norm, tokens/s, mask density, eval loss
+- ``checkpoint-N/``                    every ``trainer.save_steps`` (adapter or weights, optimizer, data position)
+- ``final/``                           the adapter (or model), the tokenizer with its new tokens, ``method.yaml``
+- ``metrics.json``                     written last: its presence marks a finished run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from anchorcoder.methods import KVMethod, build_method
+from anchorcoder.methods.anchors import AnchorMethod, masked_forward
+from anchorcoder.models import check_model_config, load_model
+from anchorcoder.registry import ConfigError, load_all
+from anchorcoder.tracking import Tracker, build_tracker
+from anchorcoder.training.data import (
+    PackedCollator,
+    benchmark_needles,
+    check_contamination,
+    load_documents,
+    pack_documents,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("lora", "full")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEEPSPEED = ("none", "zero2", "zero3")
+FINAL = "final"
+METHOD_FILE = "method.yaml"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops before that step updates anything."""
+
+
+# ---------------------------------------------------------------------------- config
+def validate(cfg: dict) -> tuple[KVMethod, Tracker]:
+    """Check every name and value of a train config; loads nothing heavy."""
+    load_all()
+    for key in ("model", "method", "trainer", "data", "deepspeed", "logger"):
+        if not isinstance(cfg.get(key), dict):
+            raise ConfigError(f"config key '{key}' is missing; pick one with {key}=<name>")
+    check_model_config(cfg["model"])
+    method = build_method(cfg["method"])
+    if method.name != "dense" and not isinstance(method, AnchorMethod):
+        raise ConfigError(
+            f"method={method.name} has no training face; train one of: dense (the control), anllm, anchorcoder"
+        )
+    t = cfg["trainer"]
+    if t.get("name") not in MODES:
+        raise ConfigError(f"trainer must be one of {', '.join(MODES)}; got '{t.get('name')}'")
+    if t.get("precision", "auto") not in PRECISIONS:
+        raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}; got '{t.get('precision')}'")
+    for key in ("max_steps", "batch_size", "grad_accumulation", "logging_steps", "save_steps"):
+        if not isinstance(t.get(key), int) or t[key] < 1:
+            raise ConfigError(f"trainer.{key} must be a positive integer; got {t.get(key)!r}")
+    if cfg["deepspeed"].get("name") not in DEEPSPEED:
+        raise ConfigError(f"deepspeed must be one of {', '.join(DEEPSPEED)}; got '{cfg['deepspeed'].get('name')}'")
+    if not isinstance(cfg["data"].get("seq_len"), int) or cfg["data"]["seq_len"] < 2:
+        raise ConfigError(f"data.seq_len must be an integer >= 2; got {cfg['data'].get('seq_len')!r}")
+    return method, build_tracker(cfg["logger"])
+
+
+def check_against_model(cfg: dict, model) -> None:
+    """What needs the loaded model: sequence length and LoRA target modules."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and cfg["data"]["seq_len"] > limit:
+        raise ConfigError(f"data.seq_len={cfg['data']['seq_len']} is longer than the model allows ({limit} positions)")
+    if cfg["trainer"]["name"] == "lora":
+        targets = list(cfg["trainer"]["lora"]["target_modules"])
+        linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        unknown = [t for t in targets if t not in linear]
+        if unknown or not targets:
+            raise ConfigError(
+                f"trainer.lora.target_modules: {unknown or targets} not in the model; its linear modules: "
+                f"{', '.join(sorted(linear))}"
+            )
+
+
+# ---------------------------------------------------------------------------- the loop
+def _trainer_class():
+    from transformers import Trainer
+
+    class MethodTrainer(Trainer):
+        """The HF Trainer with the method's masked forward, tokens/s and mask density in its logs."""
+
+        def __init__(self, *args, method: KVMethod, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.method = method
+            self._tokens, self._clock, self._density = 0, time.perf_counter(), []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            outputs = masked_forward(
+                model, self.method, inputs["input_ids"], inputs["padding_mask"], doc_ids=inputs["doc_ids"],
+                labels=inputs["labels"], unwrapped=self.accelerator.unwrap_model(model), **extra,
+            )  # fmt: skip
+            loss = outputs.loss
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLoss(f"the loss is {loss.item()} at step {self.state.global_step + 1}")
+            if model.training:
+                self._tokens += int(inputs["padding_mask"].sum())
+                if self.state.global_step % self.args.logging_steps == 0:
+                    self._density.append(mask_density(self.method, inputs))
+            return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # keep the model routed through our attention for backward too: with gradient checkpointing
+            # the recomputed layers must see the method's attention again (AnchorCoder's LAA, MHPE)
+            from anchorcoder.generation.attention import causal_masks, engine_attention
+
+            with engine_attention(self.accelerator.unwrap_model(model)), causal_masks():
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:  # a training log: add throughput and the mask's density since the last one
+                now = time.perf_counter()
+                logs["tokens_per_s"] = round(self._tokens * self.args.world_size / max(now - self._clock, 1e-9), 1)
+                if self._density:
+                    logs["mask_density"] = round(sum(self._density) / len(self._density), 4)
+                self._tokens, self._clock, self._density = 0, now, []
+            super().log(logs, *args, **kwargs)
+
+    return MethodTrainer
+
+
+def mask_density(method: KVMethod, batch: dict) -> float:
+    """Visible (query, key) pairs under the method's rule over those of the causal mask (same data)."""
+    from anchorcoder.methods.anchors import document_mask, real_tokens
+
+    real, _ = real_tokens(batch["input_ids"], batch["padding_mask"], batch["doc_ids"])
+    causal = document_mask(True, real, batch["doc_ids"]) & real[:, None, :, None]
+    if not isinstance(method, AnchorMethod):
+        return 1.0
+    rule = method.attention_mask(batch["input_ids"], batch["padding_mask"], doc_ids=batch["doc_ids"])
+    return float((rule & causal).sum() / causal.sum().clamp(min=1))
+
+
+def _callbacks(tracker: Tracker, output_dir: Path, max_minutes: float | None):
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        """Every log to ``train_log.jsonl`` and the tracker; stops (and saves) at ``max_minutes``."""
+
+        def __init__(self):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            entry = {"step": state.global_step, **logs}
+            with open(output_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            prefix = "eval/" if any(k.startswith("eval_") for k in logs) else "train/"
+            tracker.log_metrics(
+                {prefix + k.removeprefix("eval_"): v for k, v in logs.items()} | {"step": entry["step"]}
+            )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if max_minutes and time.perf_counter() - self.start > 60 * max_minutes:
+                log.info(
+                    "trainer.max_minutes=%s reached at step %d: saving and stopping", max_minutes, state.global_step
+                )
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return [Record()]
+
+
+def _training_arguments(cfg: dict, output_dir: Path, device: torch.device):
+    from transformers import TrainingArguments
+
+    t, ds = cfg["trainer"], cfg["deepspeed"]
+    bf16 = t["precision"] == "bf16" or (t["precision"] == "auto" and device.type == "cuda")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=t["max_steps"],
+        per_device_train_batch_size=t["batch_size"],
+        per_device_eval_batch_size=t["batch_size"],
+        gradient_accumulation_steps=t["grad_accumulation"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_steps"],
+        weight_decay=t["weight_decay"],
+        max_grad_norm=t["max_grad_norm"],
+        gradient_checkpointing=t["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant loses LAA's gradient (README)
+        bf16=bf16,
+        logging_steps=t["logging_steps"],
+        eval_strategy="steps" if t.get("eval_steps") else "no",
+        eval_steps=t.get("eval_steps") or None,
+        save_strategy="steps",
+        save_steps=t["save_steps"],
+        save_total_limit=t.get("save_total_limit"),
+        seed=int(cfg.get("seed", 0)),
+        deepspeed=ds["config"] if ds["name"] != "none" else None,
+        ddp_backend="gloo" if device.type == "cpu" and "RANK" in os.environ else None,  # set by launchers
+        use_cpu=device.type == "cpu",
+        report_to=[],  # our tracker logs (offline W&B by default)
+        label_names=["labels"],
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _single_process_env(deepspeed: bool, device: torch.device) -> None:
+    """DeepSpeed wants a process group even for one process: make one when no launcher did."""
+    if not deepspeed:
+        return
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _wrap_lora(model, cfg: dict, method: KVMethod):
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg["trainer"]["lora"]
+    new_tokens = sorted(method.hidden_token_ids)  # tokens the method added: their rows train too
+    config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
+        trainable_token_indices=new_tokens or None,
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA: %s trainable parameters of %s (%.2f %%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+# ---------------------------------------------------------------------------- entry point
+def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
+    from anchorcoder.evaluation.run import discard_unfinished_run_dir, run_info
+    from anchorcoder.models.loading import resolve_device
+
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    output_dir = Path(output_dir)
+    try:
+        method, tracker = validate(container)
+        resume_from = _resume_point(container, output_dir)
+    except ConfigError:
+        discard_unfinished_run_dir(output_dir)
+        raise
+    device = resolve_device(container.get("device", "auto"))
+    deepspeed = container["deepspeed"]["name"] != "none"
+    _single_process_env(deepspeed, device)
+    args = _training_arguments(container, output_dir, device)  # before the model: ZeRO-3 builds it sharded
+    torch.manual_seed(args.seed)
+
+    model_cfg = dict(container["model"])
+    if model_cfg.get("dtype", "auto") == "auto":
+        model_cfg["dtype"] = "bfloat16" if args.bf16 and container["trainer"]["name"] == "lora" else "float32"
+    loaded = load_model(model_cfg, "cpu")  # the Trainer places it
+    model, tokenizer = loaded.model, loaded.tokenizer
+    try:
+        method.prepare(model, tokenizer)
+        check_against_model(container, model)
+        train_docs, val_docs = load_documents(container["data"])
+        check_contamination(train_docs + val_docs, benchmark_needles(container["data"]))
+    except ConfigError:
+        discard_unfinished_run_dir(output_dir)
+        raise
+    seq_len = container["data"]["seq_len"]
+    train_rows = pack_documents(train_docs, method, tokenizer, seq_len)
+    val_rows = pack_documents(val_docs, method, tokenizer, seq_len)[: container["trainer"].get("eval_rows") or None]
+    if not train_rows:
+        raise ConfigError("the training data is empty after tokenisation")
+    data_info = {
+        "train_documents": len(train_docs), "validation_documents": len(val_docs), "train_rows": len(train_rows),
+        "train_tokens": sum(len(d) for row in train_rows for d in row), "validation_rows": len(val_rows),
+    }  # fmt: skip
+    log.info("data: %s", data_info)
+
+    model.train()
+    model.config.use_cache = False
+    if container["trainer"]["name"] == "lora":
+        model = _wrap_lora(model, container, method)
+    if args.gradient_checkpointing and container["trainer"]["name"] == "lora":
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    main_process = args.process_index == 0
+    if main_process:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(container))
+        info = run_info(container, loaded.info) | {"data": data_info, "resumed_from": resume_from}
+        (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+        tracker.start(container, container.get("run_name", "train"), str(output_dir), job_type="train")
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
+        data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=_callbacks(tracker, output_dir, container["trainer"].get("max_minutes")), method=method,
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteLoss as err:
+        last = _last_checkpoint(output_dir)
+        tracker.finish(failed=True)
+        raise NonFiniteLoss(
+            f"{err}: training stopped, nothing was saved after the last good checkpoint "
+            f"({last or 'none yet'}). Lower trainer.learning_rate and resume with trainer.resume=true."
+        ) from None
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    final = output_dir / FINAL
+    metrics = {
+        "status": "finished", "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "train_seconds": round(time.perf_counter() - started, 1), **data_info,
+    }  # fmt: skip
+    if val_rows:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+    trainer.save_model(str(final))  # adapter (LoRA) or weights (full); the tokenizer with its new tokens
+    if main_process:
+        (final / METHOD_FILE).write_text(OmegaConf.to_yaml(container["method"]))
+        if container["trainer"]["name"] == "lora" and container["trainer"].get("save_merged"):
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(final / "merged")
+            tokenizer.save_pretrained(final / "merged")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+        tracker.log_artifact(str(final), name=f"{container.get('run_name', 'train')}-final", kind="model")
+        tracker.finish()
+        _print_summary(metrics, final)
+    return metrics
+
+
+def _resume_point(cfg: dict, output_dir: Path) -> str | None:
+    if not cfg["trainer"].get("resume"):
+        return None
+    last = _last_checkpoint(output_dir)
+    if last is None:
+        raise ConfigError(
+            f"trainer.resume=true but {output_dir} has no checkpoint-*; point hydra.run.dir at the run folder "
+            "to continue (outputs/train/<run>)"
+        )
+    saved = output_dir / "config.yaml"
+    if saved.exists():
+        before = OmegaConf.to_container(OmegaConf.load(saved))
+        for key in ("model", "method", "data"):
+            if before.get(key) != cfg.get(key):
+                raise ConfigError(
+                    f"trainer.resume=true: '{key}' differs from the run's config.yaml; resume with the same {key}"
+                )
+    log.info("resuming from %s", last)
+    return str(last)
+
+
+def _last_checkpoint(output_dir: Path) -> Path | None:
+    steps = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def _print_summary(metrics: dict, final: Path) -> None:
+    from anchorcoder.reporting import print_table
+
+    print_table("training", metrics)
+    print(f"saved: {final}  (evaluate: python eval.py method=<method> model.adapter={final.parent})")
