@@ -9,7 +9,7 @@ LIMIT  ?= 10
 TORCH_PIP_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-kvpress bench-eviction test test-slow demo bench lint format clean
+.PHONY: help install install-kvpress bench-eviction bench-training recovery test test-slow demo bench lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,12 @@ bench: install ## our engine vs model.generate on SmolLM2 (greedy, batch 1 and 8
 bench-eviction: install ## decode benchmark of the eviction methods on SmolLM2 (KnormPress too after `make install-kvpress`)
 	if [ -x $(VENV)-kvpress/bin/python ]; then $(VENV)-kvpress/bin/python scripts/bench_eviction.py; \
 	else $(BIN)/python scripts/bench_eviction.py; fi
+
+bench-training: install ## training tokens/s of anchorcoder and anllm against dense (SmolLM2, LoRA, real train.py runs)
+	$(BIN)/python scripts/bench_training.py
+
+recovery: install ## the recovery experiment: LoRA-train anchorcoder and anllm 20 min each, code_ppl before/after (~1.5 h)
+	$(BIN)/python scripts/recovery.py --methods anchorcoder anllm --minutes 20
 
 lint: install ## ruff
 	$(BIN)/ruff check anchorcoder tests scripts train.py eval.py

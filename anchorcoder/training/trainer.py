@@ -204,8 +204,7 @@ def _training_arguments(cfg: dict, output_dir: Path, device: torch.device):
         warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"],
         max_grad_norm=t["max_grad_norm"],
-        gradient_checkpointing=t["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant loses LAA's gradient (README)
+        **_checkpointing(t["gradient_checkpointing"]),
         bf16=bf16,
         logging_steps=t["logging_steps"],
         eval_strategy="steps" if t.get("eval_steps") else "no",
@@ -223,6 +222,19 @@ def _training_arguments(cfg: dict, output_dir: Path, device: torch.device):
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+def _checkpointing(enabled: bool) -> dict:
+    """Activation checkpointing arguments, non-reentrant (reentrant loses LAA's gradient into its source
+    layer); transformers renamed them from ``gradient_checkpointing*`` after 5.2."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing"
+    if name not in {f.name for f in fields(TrainingArguments)}:
+        name = "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _single_process_env(deepspeed: bool, device: torch.device) -> None:
@@ -257,6 +269,8 @@ def _wrap_lora(model, cfg: dict, method: KVMethod):
 
 # ---------------------------------------------------------------------------- entry point
 def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
+    from transformers.trainer_utils import IntervalStrategy
+
     from anchorcoder.evaluation.run import discard_unfinished_run_dir, run_info
     from anchorcoder.models.loading import resolve_device
 
@@ -297,12 +311,15 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         "train_tokens": sum(len(d) for row in train_rows for d in row), "validation_rows": len(val_rows),
     }  # fmt: skip
     log.info("data: %s", data_info)
+    if not val_rows:
+        log.warning("no validation documents (data.validation_fraction): no eval loss in this run")
+        args.eval_strategy = IntervalStrategy.NO
 
     model.train()
     model.config.use_cache = False
     if container["trainer"]["name"] == "lora":
         model = _wrap_lora(model, container, method)
-    if args.gradient_checkpointing and container["trainer"]["name"] == "lora":
+    if container["trainer"]["gradient_checkpointing"] and container["trainer"]["name"] == "lora":
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +350,8 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     final = output_dir / FINAL
     metrics = {
         "status": "finished", "steps": trainer.state.global_step, "train_loss": result.training_loss,
-        "train_seconds": round(time.perf_counter() - started, 1), **data_info,
+        "train_seconds": round(time.perf_counter() - started, 1), "engine": type(trainer.model_wrapped).__name__,
+        **data_info,
     }  # fmt: skip
     if val_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
