@@ -388,6 +388,11 @@ def _resume_point(cfg: dict, output_dir: Path) -> str | None:
                 raise ConfigError(
                     f"trainer.resume=true: '{key}' differs from the run's config.yaml; resume with the same {key}"
                 )
+    step = int(last.name.split("-")[1])
+    log_file = output_dir / "train_log.jsonl"
+    if log_file.exists():  # forget what was logged after the checkpoint: those steps run again
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_file.write_text("".join(line + "\n" for line in kept))
     log.info("resuming from %s", last)
     return str(last)
 
