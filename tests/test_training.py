@@ -218,7 +218,9 @@ def test_lora_run_logs_saves_and_evaluates_with_eval(tmp_path, monkeypatch):
     ac = tuned.tokenizer.convert_tokens_to_ids("<AC>")
     assert ac == len(base.tokenizer) and tuned.model.get_input_embeddings().weight.shape[0] > ac
     embeddings = base.model.get_input_embeddings().weight
-    assert not torch.allclose(tuned.model.get_input_embeddings().weight[ac], embeddings.mean(0))  # trained, not the init
+    assert not torch.allclose(
+        tuned.model.get_input_embeddings().weight[ac], embeddings.mean(0)
+    )  # trained, not the init
     torch.testing.assert_close(tuned.model.get_input_embeddings().weight[:ac], embeddings)  # other rows frozen
     ids = torch.tensor([tuned.tokenizer("def f(x):\n    return x\n").input_ids])
     with torch.no_grad():
@@ -292,3 +294,19 @@ def test_deepspeed_zero2_on_cpu(tmp_path):
     assert metrics["engine"] == "DeepSpeedEngine" and metrics["steps"] == 4
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "run").values())
     assert (tmp_path / "run" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own sharded state
+
+
+def test_two_processes_under_torchrun(tmp_path, tiny):
+    """DDP over two CPU processes (gloo) through torchrun: one run folder, written once; the loss is
+    the global mean over both processes' tokens (a random model's is ln(vocabulary), not half of it)."""
+    overrides = [*TINY_TRAIN, "method=anchorcoder", "trainer.batch_size=1", "trainer.eval_steps=0",
+                 f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py"), *overrides],
+        cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert sorted(losses(run)) == [1, 2, 3, 4]  # one log line per step: only the main process writes
+    assert losses(run)[1] == pytest.approx(torch.log(torch.tensor(float(len(tiny.tokenizer)))).item(), abs=0.2)
+    assert json.loads((run / "metrics.json").read_text())["engine"] == "DistributedDataParallel"

@@ -118,6 +118,10 @@ def _trainer_class():
             loss = outputs.loss
             if not torch.isfinite(loss).all():
                 raise NonFiniteLoss(f"the loss is {loss.item()} at step {self.state.global_step + 1}")
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # the loss is over this process' tokens / all processes' tokens; DDP and DeepSpeed average
+                # gradients over processes, so scale back up (as the Trainer's own compute_loss does)
+                loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
             if model.training:
                 self._tokens += int(inputs["padding_mask"].sum())
                 if self.state.global_step % self.args.logging_steps == 0:
