@@ -123,6 +123,18 @@ def test_anllm_ac_eval_run_compresses_and_hides_its_token(tmp_path):
     assert 0.0 < metrics["kv/reduction_final"] < 1.0 and metrics["kv/reduction_peak"] >= 0.0
 
 
+def test_code_ppl_feeds_inserted_anchors_but_scores_only_the_code(tmp_path):
+    """code_ppl under AnLLM-AC: the target carries <AC> where encode puts it (as a trained model would
+    emit it); the scored tokens and their count are the dense run's."""
+    ppl = [*TINY_RUN, "benchmark=code_ppl", "benchmark.sources=[humaneval]", "generation.batch_size=2"]
+    dense = run_eval(compose_config(overrides=ppl), tmp_path / "dense")
+    anllm = run_eval(compose_config(overrides=[*ppl, "method=anllm", "method.variant=ac"]), tmp_path / "ac")
+    assert anllm["quality/target_tokens"] == dense["quality/target_tokens"]
+    lines = [json.loads(x) for x in (tmp_path / "ac" / "generations.jsonl").read_text().splitlines()]
+    assert all(49152 in x["token_ids"] for x in lines)  # <AC> was fed inside the targets
+    assert anllm["quality/ppl"] != dense["quality/ppl"] and anllm["kv/reduction_final"] > 0
+
+
 def test_anchorcoder_eval_run_checks_against_the_rule(tmp_path, tiny):
     """method=anchorcoder end to end (TAA + LAA + MHPE): every sample's recorded entries equal what the
     rule keeps (first token, past line anchors, the open line) for the tokens it fed."""

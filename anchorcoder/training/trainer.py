@@ -152,10 +152,10 @@ def mask_density(method: KVMethod, batch: dict) -> float:
     """Visible (query, key) pairs under the method's rule over those of the causal mask (same data)."""
     from anchorcoder.methods.anchors import document_mask, real_tokens
 
-    real, _ = real_tokens(batch["input_ids"], batch["padding_mask"], batch["doc_ids"])
-    causal = document_mask(True, real, batch["doc_ids"]) & real[:, None, :, None]
     if not isinstance(method, AnchorMethod):
         return 1.0
+    real, _ = real_tokens(batch["input_ids"], batch["padding_mask"], batch["doc_ids"])
+    causal = document_mask(True, real, batch["doc_ids"]) & real[:, None, :, None]  # padding rows out
     rule = method.attention_mask(batch["input_ids"], batch["padding_mask"], doc_ids=batch["doc_ids"])
     return float((rule & causal).sum() / causal.sum().clamp(min=1))
 
