@@ -132,6 +132,19 @@ def test_a_contaminated_corpus_fails_the_run_before_training(tmp_path):
 
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
+    "overrides",
+    [["trainer=lora"], ["trainer=full"], ["data=hub"], ["deepspeed=zero2"], ["deepspeed=zero3"],
+     ["method=anchorcoder"], ["method=anllm"], ["model=codellama-7b"]],
+)  # fmt: skip
+def test_every_training_option_validates(overrides):
+    from anchorcoder.training.trainer import validate
+
+    validate(compose_config("train", overrides))
+    with pytest.raises(ConfigError, match=r"trainer must be one of lora, full"):
+        validate(compose_config("train", ["trainer=common"]))
+
+
+@pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         (["method=l2norm"], r"method=l2norm has no training face"),
