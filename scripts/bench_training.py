@@ -79,7 +79,8 @@ def main() -> None:
             result.setdefault("ratio_to_dense", {})[method] = median / dense
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_training.json").write_text(json.dumps(result, indent=2))
-    print_table(f"training throughput: {config}", table)
+    title = f"training tokens/s: {config['model']}, {config['trainer']}, {config['batch_size']} x {config['seq_len']} tokens"
+    print_table(title, table, caption=f"{args.steps} steps x {args.rounds} round(s); first logging interval left out")
 
 
 if __name__ == "__main__":
