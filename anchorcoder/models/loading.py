@@ -82,7 +82,7 @@ def adapter_folder(path: str) -> Path:
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"model.adapter '{path}' is not a folder (give a train.py run folder or its final/)")
-    if (folder / "final").is_dir():
+    if (folder / "final").is_dir() and (folder / "metrics.json").exists():  # metrics.json: written last
         return folder / "final"
     checkpoints = sorted(
         folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import re
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,22 +167,36 @@ def benchmark_needles(cfg: dict) -> dict[str, str]:
     return needles
 
 
+GRAM, GRAM_EVERY = 16, 8  # content-defined anchors: 16-character grams whose CRC is 0 mod 8
+MIN_NEEDLE_CHARS = 40  # shorter needles (19 MBPP one-liners such as `def f(l): return sum(l)`) match by chance
+
+
+def _anchor_grams(text: str) -> set[str]:
+    """The grams of ``text`` chosen by their content alone, so a copy of a needle inside a document
+    holds every gram the needle has, wherever the copy sits."""
+    grams = (text[i : i + GRAM] for i in range(len(text) - GRAM + 1))
+    return {g for g in grams if zlib.crc32(g.encode()) % GRAM_EVERY == 0}
+
+
 def check_contamination(docs: list[Document], needles: dict[str, str]) -> None:
     """Raise :class:`ContaminationError` naming every benchmark problem found in ``docs``.
 
-    Matching ignores whitespace. Each needle's longest line is looked up in a set of the corpus'
-    lines first, so the full substring test runs only on the few documents that could hold it."""
-    line_index: dict[str, set[int]] = {}
-    normalised = []
-    for d, doc in enumerate(docs):
-        normalised.append(_normalise(doc.text))
-        for line in doc.text.splitlines():
-            line_index.setdefault(_normalise(line), set()).add(d)
+    Matching ignores whitespace (so also line breaks and indentation). An index of the corpus'
+    content-defined grams narrows each needle to the documents holding one of its grams; the full
+    substring test runs on those only. Needles shorter than ``MIN_NEEDLE_CHARS`` are not checked."""
+    normalised = [_normalise(doc.text) for doc in docs]
+    index: dict[str, list[int]] = {}
+    for d, text in enumerate(normalised):
+        for gram in _anchor_grams(text):
+            index.setdefault(gram, []).append(d)
     found = []
-    for name, text in needles.items():
-        key = max((_normalise(line) for line in text.splitlines()), key=len, default="")
-        candidates = line_index.get(key, ()) if key else range(len(docs))
-        hits = [docs[d].name for d in candidates if _normalise(text) in normalised[d]]
+    for name, raw in needles.items():
+        needle = _normalise(raw)
+        if len(needle) < MIN_NEEDLE_CHARS:
+            continue
+        grams = _anchor_grams(needle)
+        candidates = min((index.get(g, []) for g in grams), key=len) if grams else range(len(docs))
+        hits = [docs[d].name for d in candidates if needle in normalised[d]]
         if hits:
             found.append(f"{name} (in {hits[0]})")
     if found:

@@ -113,10 +113,11 @@ def _trainer_class():
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             outputs = masked_forward(
                 model, self.method, inputs["input_ids"], inputs["padding_mask"], doc_ids=inputs["doc_ids"],
-                labels=inputs["labels"], unwrapped=self.accelerator.unwrap_model(model), **extra,
+                prompt_lengths=_no_prompts(inputs), labels=inputs["labels"],
+                unwrapped=self.accelerator.unwrap_model(model), **extra,
             )  # fmt: skip
             loss = outputs.loss
-            if not torch.isfinite(loss).all():
+            if not _finite_everywhere(loss, self.args.world_size):
                 raise NonFiniteLoss(f"the loss is {loss.item()} at step {self.state.global_step + 1}")
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # the loss is over this process' tokens / all processes' tokens; DDP and DeepSpeed average
@@ -148,6 +149,24 @@ def _trainer_class():
     return MethodTrainer
 
 
+def _no_prompts(batch: dict) -> torch.Tensor:
+    """Prompt lengths of training rows: plain text has none (``compress_prompt=false`` keeps nothing whole)."""
+    return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=batch["input_ids"].device)
+
+
+def _agree(flag: bool, world_size: int, device) -> bool:
+    """True on every process if ``flag`` is true on any (so all processes stop at the same step)."""
+    if world_size <= 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _finite_everywhere(loss: torch.Tensor, world_size: int) -> bool:
+    return not _agree(not bool(torch.isfinite(loss).all()), world_size, loss.device)
+
+
 def mask_density(method: KVMethod, batch: dict) -> float:
     """Visible (query, key) pairs under the method's rule over those of the causal mask (same data)."""
     from anchorcoder.methods.anchors import document_mask, real_tokens
@@ -156,7 +175,7 @@ def mask_density(method: KVMethod, batch: dict) -> float:
         return 1.0
     real, _ = real_tokens(batch["input_ids"], batch["padding_mask"], batch["doc_ids"])
     causal = document_mask(True, real, batch["doc_ids"]) & real[:, None, :, None]  # padding rows out
-    rule = method.attention_mask(batch["input_ids"], batch["padding_mask"], doc_ids=batch["doc_ids"])
+    rule = method.attention_mask(batch["input_ids"], batch["padding_mask"], _no_prompts(batch), batch["doc_ids"])
     return float((rule & causal).sum() / causal.sum().clamp(min=1))
 
 
@@ -181,7 +200,8 @@ def _callbacks(tracker: Tracker, output_dir: Path, max_minutes: float | None):
             )
 
         def on_step_end(self, args, state, control, **kwargs):
-            if max_minutes and time.perf_counter() - self.start > 60 * max_minutes:
+            late = bool(max_minutes) and time.perf_counter() - self.start > 60 * max_minutes
+            if max_minutes and _agree(late, args.world_size, args.device):  # every process stops together
                 log.info(
                     "trainer.max_minutes=%s reached at step %d: saving and stopping", max_minutes, state.global_step
                 )
@@ -333,52 +353,64 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         info = run_info(container, loaded.info) | {"data": data_info, "resumed_from": resume_from}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
         tracker.start(container, container.get("run_name", "train"), str(output_dir), job_type="train")
-    trainer = _trainer_class()(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
-        data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=_callbacks(tracker, output_dir, container["trainer"].get("max_minutes")), method=method,
-    )  # fmt: skip
-    started = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer = _trainer_class()(
+            model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
+            data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+            callbacks=_callbacks(tracker, output_dir, container["trainer"].get("max_minutes")), method=method,
+        )  # fmt: skip
+        metrics = _train_and_save(trainer, container, output_dir, resume_from, data_info, main_process)
     except NonFiniteLoss as err:
-        last = _last_checkpoint(output_dir)
         tracker.finish(failed=True)
         raise NonFiniteLoss(
             f"{err}: training stopped, nothing was saved after the last good checkpoint "
-            f"({last or 'none yet'}). Lower trainer.learning_rate and resume with trainer.resume=true."
+            f"({_last_checkpoint(output_dir) or 'none yet'}). Lower trainer.learning_rate and resume with "
+            "trainer.resume=true."
         ) from None
     except BaseException:
         tracker.finish(failed=True)
         raise
-    final = output_dir / FINAL
+    if main_process:
+        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+        tracker.log_artifact(str(output_dir / FINAL), name=f"{container.get('run_name', 'train')}-final", kind="model")
+        tracker.finish()
+        _print_summary(metrics, output_dir / FINAL)
+    return metrics
+
+
+def _train_and_save(trainer, cfg: dict, output_dir: Path, resume_from, data_info: dict, main_process: bool) -> dict:
+    """Train, evaluate, write ``final/`` and then ``metrics.json`` (the mark of a finished run)."""
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {
         "status": "finished", "steps": trainer.state.global_step, "train_loss": result.training_loss,
         "train_seconds": round(time.perf_counter() - started, 1), "engine": type(trainer.model_wrapped).__name__,
         **data_info,
     }  # fmt: skip
-    if val_rows:
+    if trainer.eval_dataset:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+    final = output_dir / FINAL
     trainer.save_model(str(final))  # adapter (LoRA) or weights (full); the tokenizer with its new tokens
     if main_process:
-        (final / METHOD_FILE).write_text(OmegaConf.to_yaml(container["method"]))
-        if container["trainer"]["name"] == "lora" and container["trainer"].get("save_merged"):
+        (final / METHOD_FILE).write_text(OmegaConf.to_yaml(cfg["method"]))
+        if cfg["trainer"]["name"] == "lora" and cfg["trainer"].get("save_merged"):
             merged = trainer.model.merge_and_unload()
             merged.save_pretrained(final / "merged")
-            tokenizer.save_pretrained(final / "merged")
+            trainer.processing_class.save_pretrained(final / "merged")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
-        tracker.log_artifact(str(final), name=f"{container.get('run_name', 'train')}-final", kind="model")
-        tracker.finish()
-        _print_summary(metrics, final)
     return metrics
 
 
 def _resume_point(cfg: dict, output_dir: Path) -> str | None:
-    if not cfg["trainer"].get("resume"):
-        return None
     last = _last_checkpoint(output_dir)
+    if not cfg["trainer"].get("resume"):
+        if last is not None or (output_dir / "metrics.json").exists():
+            raise ConfigError(
+                f"{output_dir} already holds a training run; continue it with trainer.resume=true, or pick "
+                "another hydra.run.dir"
+            )
+        return None
     if last is None:
         raise ConfigError(
             f"trainer.resume=true but {output_dir} has no checkpoint-*; point hydra.run.dir at the run folder "
@@ -394,7 +426,7 @@ def _resume_point(cfg: dict, output_dir: Path) -> str | None:
                 )
     step = int(last.name.split("-")[1])
     log_file = output_dir / "train_log.jsonl"
-    if log_file.exists():  # forget what was logged after the checkpoint: those steps run again
+    if log_file.exists() and int(os.environ.get("RANK", 0)) == 0:  # forget the steps that run again
         kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
         log_file.write_text("".join(line + "\n" for line in kept))
     log.info("resuming from %s", last)
