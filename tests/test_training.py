@@ -291,6 +291,29 @@ def test_full_run_writes_a_model_that_eval_loads(tmp_path, tiny):
     assert len(changed) == len(list(tiny.model.parameters()))  # every weight trained
 
 
+def test_merged_model_equals_the_adapter_merged_at_load(tmp_path):
+    """trainer.save_merged=true writes final/merged, a plain model folder (model.source=pretrained)."""
+    from anchorcoder.models import load_model
+
+    run = tmp_path / "run"
+    train(run, "method=anchorcoder", "trainer.save_merged=true", "trainer.max_steps=2", "trainer.learning_rate=1e-2")
+    merged = load_model(
+        compose_config(overrides=["model=tiny-llama", "model.source=pretrained", f"+model.path={run}/final/merged"])[
+            "model"
+        ],
+        "cpu",
+    )
+    adapter = load_model(compose_config(overrides=["model=tiny-llama", f"model.adapter={run}"])["model"], "cpu")
+    ids = torch.tensor([adapter.tokenizer("def f(x):\n    return x\n").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids).logits, adapter.model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+    metrics = train(tmp_path, "trainer.max_minutes=1e-6", "trainer.max_steps=50", "trainer.save_steps=50")
+    assert metrics["steps"] == 1 and (tmp_path / "checkpoint-1").is_dir() and (tmp_path / "final").is_dir()
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(
