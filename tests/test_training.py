@@ -309,6 +309,18 @@ def test_merged_model_equals_the_adapter_merged_at_load(tmp_path):
         torch.testing.assert_close(merged.model(ids).logits, adapter.model(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_activation_checkpointing_trains_the_same(tmp_path):
+    """LoRA on AnchorCoder (LAA + MHPE) with checkpointed layers: the same losses step after step, so
+    recomputed layers saw the method's attention and the gradients (LAA's source layers too) agree."""
+    common = ["method=anchorcoder", "method.mhpe=true", "trainer.eval_steps=0", "trainer.learning_rate=1e-2"]
+    train(tmp_path / "plain", *common)
+    train(tmp_path / "checkpointed", *common, "trainer.gradient_checkpointing=true")
+    plain, checkpointed = losses(tmp_path / "plain"), losses(tmp_path / "checkpointed")
+    assert plain[4] != plain[1]  # the weights moved
+    for step in plain:
+        assert checkpointed[step] == pytest.approx(plain[step], rel=1e-5), (plain, checkpointed)
+
+
 def test_max_minutes_stops_with_a_checkpoint(tmp_path):
     metrics = train(tmp_path, "trainer.max_minutes=1e-6", "trainer.max_steps=50", "trainer.save_steps=50")
     assert metrics["steps"] == 1 and (tmp_path / "checkpoint-1").is_dir() and (tmp_path / "final").is_dir()
