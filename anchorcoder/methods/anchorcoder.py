@@ -125,10 +125,10 @@ class AnchorCoder(AnchorMethod):
             return layer < self._num_layers - 1
         return layer == self.laa_source_layer
 
-    def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None):
+    def laa_visibility(self, input_ids, padding_mask=None, prompt_lengths=None):
         """For a full sequence: positions ``[B, A]`` of the anchors every reading layer takes from its
         source layer (-1 = none), and which queries see them, ``[B, 1, T, A]``."""
-        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids))
+        view = _View.of(self.training_tokens(input_ids, padding_mask, prompt_lengths))
         columns = self._laa_columns(view)
         batch, length = input_ids.shape
         if columns is None:

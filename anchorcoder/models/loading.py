@@ -84,22 +84,18 @@ def adapter_folder(path: str) -> Path:
         raise ConfigError(f"model.adapter '{path}' is not a folder (give a train.py run folder or its final/)")
     if (folder / "final").is_dir() and (folder / "metrics.json").exists():  # metrics.json: written last
         return folder / "final"
+    if (folder / "adapter_config.json").exists() or (folder / "config.json").exists():
+        return folder
     checkpoints = sorted(
         folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1
     )
-    if not _is_weights(folder) and checkpoints:
-        log.warning("model.adapter: %s has no final/ (an unfinished run); using %s", folder, checkpoints[-1].name)
-        return checkpoints[-1]
-    if not _is_weights(folder):
+    if not checkpoints:
         raise ConfigError(
             f"model.adapter '{path}' holds no adapter (adapter_config.json) or model (config.json), and no "
             "final/ or checkpoint-N/ of a train.py run"
         )
-    return folder
-
-
-def _is_weights(folder: Path) -> bool:
-    return (folder / "adapter_config.json").exists() or (folder / "config.json").exists()
+    log.warning("model.adapter: %s has no final/ (an unfinished run); using %s", folder, checkpoints[-1].name)
+    return checkpoints[-1]
 
 
 def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype):

@@ -48,12 +48,7 @@ def load_documents(cfg: dict) -> tuple[list[Document], list[Document]]:
     source = cfg.get("source")
     if source not in SOURCES:
         raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}; got '{source}'")
-    if source == "python_stdlib":
-        docs = stdlib_documents(cfg)
-    else:
-        docs = hub_documents(cfg)
-    if cfg.get("max_documents"):
-        docs = docs[: int(cfg["max_documents"])]
+    docs = stdlib_documents(cfg) if source == "python_stdlib" else hub_documents(cfg)
     train, validation = split_by_name(docs, float(cfg.get("validation_fraction", 0.05)))
     if cfg.get("mbpp_train"):
         train += mbpp_train_documents(cfg)
@@ -70,8 +65,11 @@ def stdlib_documents(cfg: dict) -> list[Document]:
         raise ConfigError(f"data.stdlib_dir '{root}' is not a folder")
     excluded = set(cfg.get("exclude_dirs") or ())
     low, high = int(cfg.get("min_chars", 0)), int(cfg.get("max_chars", 10**9))
+    limit = int(cfg.get("max_documents") or 0)
     docs, seen = [], set()
     for path in sorted(root.rglob("*.py")):
+        if limit and len(docs) == limit:
+            break
         relative = path.relative_to(root)
         if any(part in excluded or part.startswith("test") for part in relative.parts[:-1]):
             continue
@@ -114,22 +112,29 @@ def hub_documents(cfg: dict) -> list[Document]:
 def mbpp_train_documents(cfg: dict) -> list[Document]:
     """MBPP train split (task ids 601-974): the task as a docstring with its first test, then the code
     (the layout of ``code_ppl``'s MBPP prompts)."""
-    from anchorcoder.benchmarks.mbpp import TEST_IDS, clean_code
+    from anchorcoder.benchmarks.mbpp import clean_code
 
     rows = _mbpp_rows(cfg)
-    test_solutions = {_normalise(clean_code(rows[i]["code"])) for i in TEST_IDS}
+    test_solutions = {_normalise(code) for code in _mbpp_test_solutions(rows).values()}
     docs, dropped = [], []
     for i in MBPP_TRAIN_IDS:
         row = rows[i]
-        code = _normalise(clean_code(row["code"]))
-        if any(solution in code for solution in test_solutions):  # MBPP repeats solutions across splits
+        code = clean_code(row["code"])
+        flat = _normalise(code)
+        if any(solution in flat for solution in test_solutions):  # MBPP repeats solutions across splits
             dropped.append(i)
             continue
-        text = f'"""\n{row["text"]}\n{row["test_list"][0]}\n"""\n{clean_code(row["code"])}\n'
+        text = f'"""\n{row["text"]}\n{row["test_list"][0]}\n"""\n{code}\n'
         docs.append(Document(f"MBPP/{i}", text))
     if dropped:
         log.info("MBPP train: dropped task(s) %s, which contain a test-split solution", dropped)
     return docs
+
+
+def _mbpp_test_solutions(rows: dict[int, dict]) -> dict[str, str]:
+    from anchorcoder.benchmarks.mbpp import TEST_IDS, clean_code
+
+    return {f"MBPP/{i}": clean_code(rows[i]["code"]) for i in TEST_IDS}
 
 
 def _mbpp_rows(cfg: dict) -> dict[int, dict]:
@@ -159,12 +164,9 @@ def benchmark_needles(cfg: dict) -> dict[str, str]:
     """What must not be in training data: each HumanEval prompt (signature + docstring) and each MBPP
     test-split reference solution."""
     from anchorcoder.benchmarks.humaneval import humaneval_rows
-    from anchorcoder.benchmarks.mbpp import TEST_IDS, clean_code
 
     needles = {task: row["prompt"] for task, row in humaneval_rows().items()}
-    rows = _mbpp_rows(cfg)
-    needles.update({f"MBPP/{i}": clean_code(rows[i]["code"]) for i in TEST_IDS})
-    return needles
+    return needles | _mbpp_test_solutions(_mbpp_rows(cfg))
 
 
 GRAM, GRAM_EVERY = 16, 8  # content-defined anchors: 16-character grams whose CRC is 0 mod 8
