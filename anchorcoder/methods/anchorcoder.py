@@ -59,6 +59,8 @@ class AnchorCoder(AnchorMethod):
     anc_token: str = "<ANC>"
     laa: bool = True
     laa_source_layer: int | None = None  # None: the previous layer; s: layer s for every layer above it
+    laa_gate: bool = False  # LAA as a separately normalised attention added through a per-head gate, closed at init
+    laa_anchor_queries: bool = False  # anchor queries also read the source layer's earlier anchors (LAA only)
     mhpe: bool = False
 
     def __post_init__(self):
@@ -85,6 +87,8 @@ class AnchorCoder(AnchorMethod):
                 f"method.laa_source_layer={self.laa_source_layer}: the model has {self._num_layers} layers "
                 f"(0..{self._num_layers - 1}) and no layer above it would read it"
             )
+        if self.laa and self.laa_gate:
+            attach_laa_gates(model)
         if self.mhpe:
             kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -140,6 +144,8 @@ class AnchorCoder(AnchorMethod):
 
     # ------------------------------------------------------------------ attention
     def adapt_attention(self, module, query, key, value, mask, source):
+        """TAA's mask is the caller's; here LAA prepends the source layer's anchors to the keys (one
+        softmax), or with ``laa_gate`` leaves them for :meth:`adapt_output`; MHPE turns half the heads."""
         view = _View.of(source)
         layer = module.layer_idx
         if self.mhpe:
@@ -155,8 +161,12 @@ class AnchorCoder(AnchorMethod):
         index, visible, all_visible = columns
         src_key, src_value = view.layer_kv(src)
         gather = index[:, None, :, None].expand(-1, src_key.shape[1], -1, src_key.shape[-1])
-        key = torch.cat([torch.gather(src_key, 2, gather), key], dim=2)
-        value = torch.cat([torch.gather(src_value, 2, gather), value], dim=2)
+        extra_key, extra_value = torch.gather(src_key, 2, gather), torch.gather(src_value, 2, gather)
+        if self.laa_gate:  # a separate attention, added after the layer's own (adapt_output)
+            view.memo[f"laa/gated/{layer}"] = (extra_key, extra_value)
+            return query, key, value, mask
+        key = torch.cat([extra_key, key], dim=2)
+        value = torch.cat([extra_value, value], dim=2)
         if mask is None and all_visible and query.shape[2] == 1:
             return query, key, value, None  # one query that sees every cached entry and every source anchor
         if mask is None:
@@ -166,6 +176,27 @@ class AnchorCoder(AnchorMethod):
             extra = visible.expand(mask.shape[0], mask.shape[1], -1, -1)
             memo = view.memo["laa/mask"] = (mask, torch.cat([extra, mask], dim=-1))
         return query, key, value, memo[1]
+
+    def adapt_output(self, module, query, output, source, scaling: float):
+        """Gated LAA (``laa_gate``), as LLaMA-Adapter's zero-initialised attention: the layer's own
+        attention output plus ``tanh(gate_h)`` times a softmax over the visible source anchors alone,
+        per query head. The gate starts at 0, so an untrained model computes exactly TAA; queries that
+        see no source anchor add nothing."""
+        view = _View.of(source)
+        extra = view.memo.pop(f"laa/gated/{module.layer_idx}", None)
+        if extra is None:
+            return output
+        extra_key, extra_value = extra
+        _, visible, _ = self._laa_columns(view)
+        groups = query.shape[1] // extra_key.shape[1]
+        extra_key, extra_value = (x.repeat_interleave(groups, dim=1) for x in (extra_key, extra_value))
+        sees_any = visible.any(-1, keepdim=True)  # [B, 1, Q, 1]; rows that see none get a dummy column
+        scores = (query @ extra_key.transpose(2, 3)) * scaling
+        scores = scores.masked_fill(~(visible | ~sees_any), torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype) * sees_any
+        gate = module.laa_gate().to(query.dtype)  # [H]
+        added = (weights @ extra_value) * gate[None, :, None, None]  # [B, H, Q, D]
+        return output + added.transpose(1, 2).reshape(output.shape)
 
     def _laa_columns(self, view: _View):
         """(index ``[B, A]`` of the anchors among the keys, their visibility ``[B, 1, Q, A]``, whether
@@ -181,7 +212,7 @@ class AnchorCoder(AnchorMethod):
                 seg = torch.gather(view.k_seg, -1, index)
                 visible = earlier_anchors(
                     view.q_seg[:, :, None], view.q_anchor[:, :, None], seg[:, None, :], valid[:, None, :],
-                    self.anchors_see_anchors,
+                    self.anchors_see_anchors or self.laa_anchor_queries,
                 ) & view.q_real[:, :, None]  # fmt: skip
                 doc = view.tokens.doc if view.training else None
                 if doc is not None:  # packed rows: no anchor of another document
@@ -209,6 +240,37 @@ class AnchorCoder(AnchorMethod):
             new = key[:, first_kv:, -fed:]
             new.copy_(_turn_heads(new, 0, cos, sin))
         return query, key
+
+
+class LAAGate(torch.nn.Module):
+    """Per-head gate of gated LAA, one per attention module (``self_attn.laa_gate``); starts closed.
+    A module (not a bare parameter) so that LoRA trains and saves it as a ``modules_to_save`` entry."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(heads))
+
+    def forward(self) -> torch.Tensor:
+        return torch.tanh(self.weight)
+
+
+GATE_MODULE = "laa_gate"
+
+
+def attach_laa_gates(model) -> int:
+    """Give every attention module with a ``layer_idx`` a closed :class:`LAAGate` (kept if present);
+    returns how many the model has."""
+    count = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "q_proj"):
+            if not hasattr(module, GATE_MODULE):
+                heads = module.config.num_attention_heads
+                weight = module.q_proj.weight
+                module.add_module(GATE_MODULE, LAAGate(heads).to(device=weight.device, dtype=weight.dtype))
+            count += 1
+    if not count:
+        raise ConfigError("method.laa_gate=true: no attention module with q_proj and layer_idx in this model")
+    return count
 
 
 def _turn_heads(x: torch.Tensor, first_head: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,11 @@ class KVMethod:
         per-head rotary positions)."""
         return query, key, value, mask
 
+    def adapt_output(self, module, query, output, source, scaling: float):
+        """Change one layer's attention output ``[B, Q, H, D]`` (after the kernel), e.g. add a gated
+        attention over other keys; ``query`` is what :meth:`adapt_attention` returned."""
+        return output
+
     def describe(self) -> dict:
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
