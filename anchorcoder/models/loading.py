@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -106,14 +107,34 @@ def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype):
     folder = adapter_folder(path)
     if (folder / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    from anchorcoder.methods.anchorcoder import GATE_MODULE, attach_laa_gates
+
     if not (folder / "adapter_config.json").exists():  # full fine-tuning: the folder is a model
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), tokenizer, f"{folder} (full weights)"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        gates = _saved_tensors(folder, f".{GATE_MODULE}.weight")  # modules transformers does not know
+        if gates:
+            attach_laa_gates(model)
+            model.load_state_dict(gates, strict=False)
+        return model, tokenizer, f"{folder} (full weights)"
     from peft import PeftModel
 
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows the adapter brings
+    saved = json.loads((folder / "adapter_config.json").read_text()).get("modules_to_save") or []
+    if GATE_MODULE in saved:  # trained LAA gates: the modules must exist for peft to load them
+        attach_laa_gates(model)
     model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     return model, tokenizer, f"{folder} (LoRA, merged)"
+
+
+def _saved_tensors(folder: Path, suffix: str) -> dict[str, torch.Tensor]:
+    """Tensors of a saved model whose names end in ``suffix`` (safetensors shards)."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        found |= {k: v for k, v in load_file(shard).items() if k.endswith(suffix)}
+    return found
 
 
 # ---------------------------------------------------------------------------- sources

@@ -28,7 +28,7 @@ from anchorcoder.registry import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("python_stdlib", "hub")
+SOURCES = ("python_stdlib", "hub", "self_distill")
 MBPP_TRAIN_IDS = range(601, 975)
 
 
@@ -39,16 +39,31 @@ class ContaminationError(ConfigError):
 @dataclass
 class Document:
     name: str  # where it came from (a file, a task id, a hub row)
-    text: str
+    text: str  # what is trained on (labels)
+    prompt: str = ""  # chat documents: the prompt before ``text``, fed but never a target
+
+
+class Piece(list):
+    """A document's token ids; ``prompt_len`` leading ones are its prompt (no labels)."""
+
+    prompt_len: int = 0
 
 
 # ---------------------------------------------------------------------------- documents
-def load_documents(cfg: dict) -> tuple[list[Document], list[Document]]:
-    """(train, validation) documents of a ``data`` config."""
+def load_documents(cfg: dict, generator: dict | None = None) -> tuple[list[Document], list[Document]]:
+    """(train, validation) documents of a ``data`` config. ``generator``: what ``self_distill`` writes
+    its corpus with (``model``, ``tokenizer``, ``device``, ``model_cfg``)."""
     source = cfg.get("source")
     if source not in SOURCES:
         raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}; got '{source}'")
-    docs = stdlib_documents(cfg) if source == "python_stdlib" else hub_documents(cfg)
+    if source == "self_distill":
+        from anchorcoder.training.self_distill import self_distill_documents
+
+        if generator is None:
+            raise ConfigError("data=self_distill needs the model to write its answers (train.py passes it)")
+        docs = self_distill_documents(cfg, **generator)
+    else:
+        docs = stdlib_documents(cfg) if source == "python_stdlib" else hub_documents(cfg)
     train, validation = split_by_name(docs, float(cfg.get("validation_fraction", 0.05)))
     if cfg.get("mbpp_train"):
         train += mbpp_train_documents(cfg)
@@ -181,12 +196,23 @@ def _anchor_grams(text: str) -> set[str]:
 
 
 def check_contamination(docs: list[Document], needles: dict[str, str]) -> None:
-    """Raise :class:`ContaminationError` naming every benchmark problem found in ``docs``.
+    """Raise :class:`ContaminationError` naming every benchmark problem found in ``docs``."""
+    found = [f"{name} (in {doc})" for name, doc in find_contamination(docs, needles)]
+    if found:
+        shown = "; ".join(found[:10])
+        raise ContaminationError(
+            f"the training data contains {len(found)} benchmark problem(s): {shown}"
+            f"{' ...' if len(found) > 10 else ''}. Remove them (data filters) before training."
+        )
+
+
+def find_contamination(docs: list[Document], needles: dict[str, str]) -> list[tuple[str, str]]:
+    """(needle name, document name) of every needle found in a document (prompt and text).
 
     Matching ignores whitespace (so also line breaks and indentation). An index of the corpus'
     content-defined grams narrows each needle to the documents holding one of its grams; the full
     substring test runs on those only. Needles shorter than ``MIN_NEEDLE_CHARS`` are not checked."""
-    normalised = [_normalise(doc.text) for doc in docs]
+    normalised = [_normalise(doc.prompt + doc.text) for doc in docs]
     index: dict[str, list[int]] = {}
     for d, text in enumerate(normalised):
         for gram in _anchor_grams(text):
@@ -198,27 +224,31 @@ def check_contamination(docs: list[Document], needles: dict[str, str]) -> None:
             continue
         grams = _anchor_grams(needle)
         candidates = min((index.get(g, []) for g in grams), key=len) if grams else range(len(docs))
-        hits = [docs[d].name for d in candidates if needle in normalised[d]]
-        if hits:
-            found.append(f"{name} (in {hits[0]})")
-    if found:
-        shown = "; ".join(found[:10])
-        raise ContaminationError(
-            f"the training data contains {len(found)} benchmark problem(s): {shown}"
-            f"{' ...' if len(found) > 10 else ''}. Remove them (data filters) before training."
-        )
+        found += [(name, docs[d].name) for d in candidates if needle in normalised[d]]
+    return found
 
 
 # ---------------------------------------------------------------------------- packing
-def pack_documents(docs: list[Document], method, tokenizer, seq_len: int) -> list[list[list[int]]]:
-    """Rows of documents (token id lists), each row at most ``seq_len`` tokens in all."""
+def pack_documents(docs: list[Document], method, tokenizer, seq_len: int, pack: bool = True) -> list[list[list[int]]]:
+    """Rows of documents (token id lists), each row at most ``seq_len`` tokens in all; ``pack=False``:
+    one document per row. A chat document (``prompt``) is its prompt then its text, both encoded
+    without special tokens, cut to ``seq_len``; its :class:`Piece` knows the prompt's length."""
     from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
     pieces = []
     for doc in tqdm(docs, desc="tokenising", unit="doc", leave=False):
-        ids = method.encode(tokenizer, doc.text) + ([eos] if eos is not None else [])
+        end = [eos] if eos is not None else []
+        if doc.prompt:
+            prompt = method.encode(tokenizer, doc.prompt, add_special_tokens=False)
+            piece = Piece((prompt + method.encode(tokenizer, doc.text, add_special_tokens=False) + end)[:seq_len])
+            piece.prompt_len = min(len(prompt), seq_len)
+            pieces.append(piece)
+            continue
+        ids = method.encode(tokenizer, doc.text) + end
         pieces += [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    if not pack:
+        return [[piece] for piece in pieces]
     rows, row, used = [], [], 0
     for piece in pieces:
         if used + len(piece) > seq_len:
@@ -235,8 +265,10 @@ def pack_documents(docs: list[Document], method, tokenizer, seq_len: int) -> lis
 class PackedCollator:
     """Rows of documents -> right-padded ``input_ids``, ``padding_mask``, ``doc_ids`` and ``labels``.
 
-    Labels are the tokens themselves (the model shifts them), except padding and the first token of
-    each document: nothing before it in the row may predict it."""
+    Labels are the tokens themselves (the model shifts them), except padding, the first token of each
+    document (nothing before it in the row may predict it) and a chat document's prompt.
+    ``prompt_lengths`` ``[B]``: the prompt of each row's first document (rows of one chat document:
+    what ``compress_prompt=false`` keeps whole; 0 for plain code)."""
 
     pad_id: int
 
@@ -245,12 +277,17 @@ class PackedCollator:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         doc_ids = torch.full((len(rows), width), -1, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        prompt_lengths = torch.tensor([getattr(row[0], "prompt_len", 0) for row in rows], dtype=torch.long)
         for r, row in enumerate(rows):
             start = 0
             for d, ids in enumerate(row):
                 end = start + len(ids)
                 input_ids[r, start:end] = torch.tensor(ids)
                 doc_ids[r, start:end] = d
-                labels[r, start + 1 : end] = input_ids[r, start + 1 : end]
+                first = start + max(1, getattr(ids, "prompt_len", 0))
+                labels[r, first:end] = input_ids[r, first:end]
                 start = end
-        return {"input_ids": input_ids, "padding_mask": doc_ids >= 0, "doc_ids": doc_ids, "labels": labels}
+        return {
+            "input_ids": input_ids, "padding_mask": doc_ids >= 0, "doc_ids": doc_ids, "labels": labels,
+            "prompt_lengths": prompt_lengths,
+        }  # fmt: skip

@@ -16,19 +16,23 @@ Run folder (Hydra's output dir):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import socket
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from anchorcoder.methods import KVMethod, build_method
-from anchorcoder.methods.anchors import AnchorMethod, masked_forward
+from anchorcoder.methods.anchorcoder import GATE_MODULE
+from anchorcoder.methods.anchors import IGNORE_INDEX, AnchorMethod, masked_forward
 from anchorcoder.models import check_model_config, load_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.tracking import Tracker, build_tracker
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 MODES = ("lora", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEEPSPEED = ("none", "zero2", "zero3")
+OBJECTIVES = ("ce", "distill", "mix")
 FINAL = "final"
 METHOD_FILE = "method.yaml"
 
@@ -74,8 +79,19 @@ def validate(cfg: dict) -> tuple[KVMethod, Tracker]:
     for key in ("max_steps", "batch_size", "grad_accumulation", "logging_steps", "save_steps"):
         if not isinstance(t.get(key), int) or t[key] < 1:
             raise ConfigError(f"trainer.{key} must be a positive integer; got {t.get(key)!r}")
+    if t.get("objective", "ce") not in OBJECTIVES:
+        raise ConfigError(f"trainer.objective must be one of {', '.join(OBJECTIVES)}; got '{t.get('objective')}'")
+    if not 0 <= float(t.get("distill_alpha", 0.5)) <= 1:
+        raise ConfigError(f"trainer.distill_alpha must be in [0, 1]; got {t.get('distill_alpha')!r}")
+    if not float(t.get("distill_temperature", 1.0)) > 0:
+        raise ConfigError(f"trainer.distill_temperature must be > 0; got {t.get('distill_temperature')!r}")
     if cfg["deepspeed"].get("name") not in DEEPSPEED:
         raise ConfigError(f"deepspeed must be one of {', '.join(DEEPSPEED)}; got '{cfg['deepspeed'].get('name')}'")
+    if t.get("objective", "ce") != "ce" and t["name"] == "full" and cfg["deepspeed"].get("name") == "zero3":
+        raise ConfigError(
+            "trainer.objective=distill|mix with trainer=full needs a frozen teacher copy, which ZeRO-3's sharded "
+            "model cannot give: use deepspeed=zero2 (or trainer=lora, whose teacher is its own base)"
+        )
     if not isinstance(cfg["data"].get("seq_len"), int) or cfg["data"]["seq_len"] < 2:
         raise ConfigError(f"data.seq_len must be an integer >= 2; got {cfg['data'].get('seq_len')!r}")
     return method, build_tracker(cfg["logger"])
@@ -104,19 +120,33 @@ def _trainer_class():
     class MethodTrainer(Trainer):
         """The HF Trainer with the method's masked forward, tokens/s and mask density in its logs."""
 
-        def __init__(self, *args, method: KVMethod, **kwargs):
+        def __init__(self, *args, method: KVMethod, objective: Objective, teacher=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.method = method
-            self._tokens, self._clock, self._density = 0, time.perf_counter(), []
+            self.method, self.objective, self.teacher = method, objective, teacher
+            self._tokens, self._clock, self._density, self._parts = 0, time.perf_counter(), [], {}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-            outputs = masked_forward(
-                model, self.method, inputs["input_ids"], inputs["padding_mask"], doc_ids=inputs["doc_ids"],
-                prompt_lengths=_no_prompts(inputs), labels=inputs["labels"],
-                unwrapped=self.accelerator.unwrap_model(model), **extra,
-            )  # fmt: skip
-            loss = outputs.loss
+            unwrapped = self.accelerator.unwrap_model(model)
+            if self.objective.name == "ce":
+                extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+                outputs = masked_forward(
+                    model, self.method, inputs["input_ids"], inputs["padding_mask"], doc_ids=inputs["doc_ids"],
+                    prompt_lengths=inputs["prompt_lengths"], labels=inputs["labels"], unwrapped=unwrapped, **extra,
+                )  # fmt: skip
+                loss = outputs.loss
+            else:
+                outputs = masked_forward(
+                    model, self.method, inputs["input_ids"], inputs["padding_mask"], doc_ids=inputs["doc_ids"],
+                    prompt_lengths=inputs["prompt_lengths"], unwrapped=unwrapped,
+                )  # fmt: skip
+                teacher_logits = teacher_forward(self.teacher or unwrapped, inputs)
+                loss, parts = self.objective.loss(
+                    outputs.logits, teacher_logits, inputs["labels"], self.method.hidden_token_ids, num_items_in_batch
+                )
+                outputs.loss = loss
+                if model.training:
+                    for key, value in parts.items():
+                        self._parts.setdefault(key, []).append(value)
             if not _finite_everywhere(loss, self.args.world_size):
                 raise NonFiniteLoss(f"the loss is {loss.item()} at step {self.state.global_step + 1}")
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -143,15 +173,71 @@ def _trainer_class():
                 logs["tokens_per_s"] = round(self._tokens * self.args.world_size / max(now - self._clock, 1e-9), 1)
                 if self._density:
                     logs["mask_density"] = round(sum(self._density) / len(self._density), 4)
-                self._tokens, self._clock, self._density = 0, now, []
+                for key, values in self._parts.items():  # the objective's parts (distill: kl, ce)
+                    logs[key] = round(sum(values) / len(values), 4)
+                self._tokens, self._clock, self._density, self._parts = 0, now, [], {}
             super().log(logs, *args, **kwargs)
 
     return MethodTrainer
 
 
-def _no_prompts(batch: dict) -> torch.Tensor:
-    """Prompt lengths of training rows: plain text has none (``compress_prompt=false`` keeps nothing whole)."""
-    return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=batch["input_ids"].device)
+@dataclass
+class Objective:
+    """What the student (the method's masked forward) is trained to match, on supervised positions.
+
+    - ``ce``: cross-entropy on the labels (the HF loss);
+    - ``distill``: KL(teacher || student) over the vocabulary at temperature ``temperature`` (scaled by
+      its square, as Hinton et al. do), where the teacher is the same base model under the plain causal
+      mask (LoRA: adapters disabled; full: a frozen copy); positions whose target is a token the method
+      inserts (AnLLM's ``<AC>``), which the teacher never predicts, take cross-entropy instead;
+    - ``mix``: ``alpha * distill + (1 - alpha) * ce``.
+    Sums are over supervised positions, divided by ``num_items`` (all processes' and micro-steps'
+    supervised tokens, as the HF loss does) or by this batch's count."""
+
+    name: str = "ce"
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def loss(self, student, teacher, labels, hidden_ids=frozenset(), num_items=None):
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        inserted = supervised & torch.isin(targets, torch.tensor(sorted(hidden_ids), dtype=targets.dtype,
+                                                                   device=targets.device))  # fmt: skip
+        student, teacher = student[:, :-1].float(), teacher[:, :-1].float()
+        count = num_items if num_items is not None else supervised.sum().clamp(min=1)
+        log_student = torch.log_softmax(student / self.temperature, dim=-1)
+        log_teacher = torch.log_softmax(teacher / self.temperature, dim=-1)
+        kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1) * self.temperature**2
+        nll = torch.nn.functional.cross_entropy(
+            student.transpose(1, 2), targets.masked_fill(~supervised, 0), reduction="none"
+        )
+        kl_sum = (kl * (supervised & ~inserted)).sum()
+        ce_sum = (nll * supervised).sum()
+        if self.name == "distill":
+            total = kl_sum + (nll * inserted).sum()
+        else:
+            total = self.alpha * (kl_sum + (nll * inserted).sum()) + (1 - self.alpha) * ce_sum
+        plain = supervised.sum().clamp(min=1)
+        return total / count, {"loss_kl": float(kl_sum.detach() / plain), "loss_ce": float(ce_sum.detach() / plain)}
+
+
+def teacher_forward(model, batch: dict) -> torch.Tensor:
+    """Logits of the dense teacher: the plain causal mask within documents, no gradient. A peft model
+    runs with its adapters disabled (the base weights); any other model is a frozen copy."""
+    from anchorcoder.methods.dense import Dense
+
+    context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with torch.no_grad(), context:
+        return masked_forward(
+            model, Dense(), batch["input_ids"], batch["padding_mask"], doc_ids=batch["doc_ids"]
+        ).logits
+
+
+def _frozen_teacher(model, device):
+    teacher = copy.deepcopy(model).to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
 
 
 def _agree(flag: bool, world_size: int, device) -> bool:
@@ -175,7 +261,7 @@ def mask_density(method: KVMethod, batch: dict) -> float:
         return 1.0
     real, _ = real_tokens(batch["input_ids"], batch["padding_mask"], batch["doc_ids"])
     causal = document_mask(True, real, batch["doc_ids"]) & real[:, None, :, None]  # padding rows out
-    rule = method.attention_mask(batch["input_ids"], batch["padding_mask"], _no_prompts(batch), batch["doc_ids"])
+    rule = method.attention_mask(batch["input_ids"], batch["padding_mask"], batch["prompt_lengths"], batch["doc_ids"])
     return float((rule & causal).sum() / causal.sum().clamp(min=1))
 
 
@@ -283,6 +369,7 @@ def _wrap_lora(model, cfg: dict, method: KVMethod):
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
         trainable_token_indices=new_tokens or None,
+        modules_to_save=[GATE_MODULE] if getattr(method, "laa_gate", False) and method.laa else None,
     )  # fmt: skip
     model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -320,14 +407,18 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     try:
         method.prepare(model, tokenizer)
         check_against_model(container, model)
-        train_docs, val_docs = load_documents(container["data"])
+        generator = {"model": model, "tokenizer": tokenizer, "device": device, "model_cfg": container["model"]}
+        train_docs, val_docs = load_documents(container["data"], generator)
         check_contamination(train_docs + val_docs, benchmark_needles(container["data"]))
     except ConfigError:
         discard_unfinished_run_dir(output_dir)
         raise
     seq_len = container["data"]["seq_len"]
-    train_rows = pack_documents(train_docs, method, tokenizer, seq_len)
-    val_rows = pack_documents(val_docs, method, tokenizer, seq_len)[: container["trainer"].get("eval_rows") or None]
+    pack = bool(container["data"].get("pack", True))
+    train_rows = pack_documents(train_docs, method, tokenizer, seq_len, pack)
+    val_rows = pack_documents(val_docs, method, tokenizer, seq_len, pack)[
+        : container["trainer"].get("eval_rows") or None
+    ]
     if not train_rows:
         raise ConfigError("the training data is empty after tokenisation")
     data_info = {
@@ -341,6 +432,13 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
 
     model.train()
     model.config.use_cache = False
+    t = container["trainer"]
+    objective = Objective(
+        t.get("objective", "ce"), float(t.get("distill_alpha", 0.5)), float(t.get("distill_temperature", 1.0))
+    )
+    teacher = None
+    if objective.name != "ce" and t["name"] == "full":  # LoRA's teacher is its own base (adapters disabled)
+        teacher = _frozen_teacher(model, args.device)
     if container["trainer"]["name"] == "lora":
         model = _wrap_lora(model, container, method)
     if container["trainer"]["gradient_checkpointing"] and container["trainer"]["name"] == "lora":
@@ -358,6 +456,7 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
             data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=_callbacks(tracker, output_dir, container["trainer"].get("max_minutes")), method=method,
+            objective=objective, teacher=teacher,
         )  # fmt: skip
         metrics = _train_and_save(trainer, container, output_dir, resume_from, data_info, main_process)
     except NonFiniteLoss as err:
