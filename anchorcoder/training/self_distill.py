@@ -61,11 +61,27 @@ def self_distill_documents(cfg: dict, model, tokenizer, device, model_cfg: dict)
     return docs
 
 
+def check_config(cfg: dict) -> None:
+    """The ``self_distill`` options that can be checked before any model loads."""
+    _sources(cfg)
+    _generation(cfg)
+
+
+def _sources(cfg: dict) -> list[str]:
+    sources = list(cfg.get("prompt_sources") or ())
+    if not sources or any(s not in PROMPT_SOURCES for s in sources):
+        raise ConfigError(f"data.prompt_sources must be a non-empty list of {', '.join(PROMPT_SOURCES)}; got {sources}")
+    return sources
+
+
 def _generation(cfg: dict) -> dict:
     from anchorcoder.generation import GenerationSettings
 
     g = dict(cfg.get("generation") or {})
-    GenerationSettings(**g)  # validates the values, naming them
+    try:
+        GenerationSettings(**g)  # validates the values, naming them
+    except TypeError as err:
+        raise ConfigError(f"data.generation: {err}") from None
     return g
 
 
@@ -76,10 +92,7 @@ def distill_prompts(cfg: dict, tokenizer) -> list[tuple[str, str]]:
     from anchorcoder.benchmarks.humaneval import HumanEval
     from anchorcoder.benchmarks.mbpp import MBPP
 
-    sources = list(cfg.get("prompt_sources") or ())
-    unknown = [s for s in sources if s not in PROMPT_SOURCES]
-    if unknown or not sources:
-        raise ConfigError(f"data.prompt_sources must be a non-empty list of {', '.join(PROMPT_SOURCES)}; got {sources}")
+    sources = _sources(cfg)
     problems = []
     if "mbpp_train" in sources:
         from anchorcoder.training.data import MBPP_TRAIN_IDS, _mbpp_rows

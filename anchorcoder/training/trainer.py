@@ -92,6 +92,10 @@ def validate(cfg: dict) -> tuple[KVMethod, Tracker]:
             "trainer.objective=distill|mix with trainer=full needs a frozen teacher copy, which ZeRO-3's sharded "
             "model cannot give: use deepspeed=zero2 (or trainer=lora, whose teacher is its own base)"
         )
+    if cfg["data"].get("source") == "self_distill":
+        from anchorcoder.training.self_distill import check_config
+
+        check_config(cfg["data"])
     if not isinstance(cfg["data"].get("seq_len"), int) or cfg["data"]["seq_len"] < 2:
         raise ConfigError(f"data.seq_len must be an integer >= 2; got {cfg['data'].get('seq_len')!r}")
     return method, build_tracker(cfg["logger"])
