@@ -175,6 +175,8 @@ def _trainer_class():
             if "loss" in logs:  # a training log: add throughput and the mask's density since the last one
                 now = time.perf_counter()
                 logs["tokens_per_s"] = round(self._tokens * self.args.world_size / max(now - self._clock, 1e-9), 1)
+                self.state.tokens_seen = getattr(self.state, "tokens_seen", 0) + self._tokens * self.args.world_size
+                logs["tokens_seen"] = self.state.tokens_seen  # real tokens fed in training so far
                 if self._density:
                     logs["mask_density"] = round(sum(self._density) / len(self._density), 4)
                 for key, values in self._parts.items():  # the objective's parts (distill: kl, ce)
