@@ -5,6 +5,7 @@ reduction measured on the same runs, next to the untrained dense model on the sa
     python scripts/recovery_grid.py --rows taa_distill gated_distill --minutes 20
     python scripts/recovery_grid.py --list                          # the row presets
     python scripts/recovery_grid.py --rows taa_distill --curve      # + code_ppl / HumanEval at every checkpoint
+    python scripts/recovery_grid.py --rows taa_distill --set model=qwen2.5-coder-1.5b device=cuda
 
 Every step is a real train.py / eval.py run in ``--out``; a finished one (its metrics.json) is
 reused, so an interrupted grid continues where it stopped. Writes ``grid.json``, ``grid.md`` and, with
@@ -58,12 +59,16 @@ def run(script: str, overrides: list[str]) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
 
 
+MODEL_OVERRIDES = ()  # model=..., model.*, device=...: what eval.py needs of the extra train.py overrides
+
+
 def evaluate(folder: Path, benchmark: list[str], method: list[str], adapter: str | None, batch_size: int) -> dict:
     """One eval.py run into ``folder`` (reused when finished): its metrics and per-sample reductions."""
     if not (folder / "metrics.json").exists():
         overrides = [
             *benchmark,
             *method,
+            *MODEL_OVERRIDES,
             f"generation.batch_size={batch_size}",
             "logger=none",
             f"hydra.run.dir={folder}",
@@ -167,7 +172,13 @@ def main() -> None:
     parser.add_argument("--curve", action="store_true", help="evaluate every checkpoint of the first row")
     parser.add_argument("--curve-humaneval", type=int, default=20, help="HumanEval problems at each checkpoint")
     parser.add_argument("--out", default="outputs/recovery_grid")
-    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every row (model=...)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        default=[],
+        help="extra train.py overrides for every row (model=..., which eval.py gets too)",
+    )
     args = parser.parse_args()
     if args.list:
         for name, (method, train) in ROWS.items():
@@ -177,6 +188,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
 
+    global MODEL_OVERRIDES
+    MODEL_OVERRIDES = tuple(o for o in args.overrides if o.split("=")[0].split(".")[0] in ("model", "device"))
     out = (ROOT / args.out).resolve()
     grid = {}
     dense = {

@@ -27,6 +27,7 @@ Positions are absolute (tokens seen): masked training and pruned inference give 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -88,7 +89,9 @@ class AnchorCoder(AnchorMethod):
                 f"(0..{self._num_layers - 1}) and no layer above it would read it"
             )
         if self.laa and self.laa_gate:
-            attach_laa_gates(model)
+            attach_laa_gates(
+                model, {layer for layer in range(self._num_layers) if self.source_layer(layer) is not None}
+            )
         if self.mhpe:
             kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -194,7 +197,7 @@ class AnchorCoder(AnchorMethod):
         scores = (query @ extra_key.transpose(2, 3)) * scaling
         scores = scores.masked_fill(~(visible | ~sees_any), torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype) * sees_any
-        gate = module.laa_gate().to(query.dtype)  # [H]
+        gate = module.laa_gate().to(query.dtype)  # [H], float32 in the module
         added = (weights @ extra_value) * gate[None, :, None, None]  # [B, H, Q, D]
         return output + added.transpose(1, 2).reshape(output.shape)
 
@@ -257,20 +260,26 @@ class LAAGate(torch.nn.Module):
 GATE_MODULE = "laa_gate"
 
 
-def attach_laa_gates(model) -> int:
-    """Give every attention module with a ``layer_idx`` a closed :class:`LAAGate` (kept if present);
-    returns how many the model has."""
+def attach_laa_gates(model, layers) -> int:
+    """Give the attention module of every layer in ``layers`` (those that read a source layer) a
+    closed :class:`LAAGate`, kept if present; returns how many the model has. Gates are float32
+    whatever the model's dtype: a bf16 weight near 0.1 cannot move by a learning rate of 2e-4."""
     count = 0
     for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "q_proj"):
+        if getattr(module, "layer_idx", None) in layers and hasattr(module, "q_proj"):
             if not hasattr(module, GATE_MODULE):
                 heads = module.config.num_attention_heads
-                weight = module.q_proj.weight
-                module.add_module(GATE_MODULE, LAAGate(heads).to(device=weight.device, dtype=weight.dtype))
+                module.add_module(GATE_MODULE, LAAGate(heads).to(device=module.q_proj.weight.device))
             count += 1
     if not count:
         raise ConfigError("method.laa_gate=true: no attention module with q_proj and layer_idx in this model")
     return count
+
+
+def saved_gate_layers(names) -> set[int]:
+    """Layers whose gate is among the tensor names of a saved adapter or model."""
+    found = (re.search(rf"layers\.(\d+)\.self_attn\.{GATE_MODULE}\.", name) for name in names)
+    return {int(m.group(1)) for m in found if m}
 
 
 def _turn_heads(x: torch.Tensor, first_head: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

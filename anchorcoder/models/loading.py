@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -107,34 +106,50 @@ def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype):
     folder = adapter_folder(path)
     if (folder / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    from anchorcoder.methods.anchorcoder import GATE_MODULE, attach_laa_gates
+    from anchorcoder.methods.anchorcoder import attach_laa_gates, saved_gate_layers
 
     if not (folder / "adapter_config.json").exists():  # full fine-tuning: the folder is a model
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        gates = _saved_tensors(folder, f".{GATE_MODULE}.weight")  # modules transformers does not know
-        if gates:
-            attach_laa_gates(model)
-            model.load_state_dict(gates, strict=False)
+        restore_laa_gates(model, folder)
         return model, tokenizer, f"{folder} (full weights)"
     from peft import PeftModel
 
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows the adapter brings
-    saved = json.loads((folder / "adapter_config.json").read_text()).get("modules_to_save") or []
-    if GATE_MODULE in saved:  # trained LAA gates: the modules must exist for peft to load them
-        attach_laa_gates(model)
+    layers = saved_gate_layers(_tensor_names(folder))
+    if layers:  # trained LAA gates: the modules must exist for peft to load them
+        attach_laa_gates(model, layers)
     model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     return model, tokenizer, f"{folder} (LoRA, merged)"
 
 
-def _saved_tensors(folder: Path, suffix: str) -> dict[str, torch.Tensor]:
-    """Tensors of a saved model whose names end in ``suffix`` (safetensors shards)."""
-    from safetensors.torch import load_file
+def _tensor_names(folder: Path) -> list[str]:
+    from safetensors import safe_open
 
-    found = {}
+    names = []
     for shard in sorted(folder.glob("*.safetensors")):
-        found |= {k: v for k, v in load_file(shard).items() if k.endswith(suffix)}
-    return found
+        with safe_open(shard, "pt") as f:
+            names += list(f.keys())
+    return names
+
+
+def restore_laa_gates(model, folder: Path) -> None:
+    """Trained LAA gates of a saved full model (``from_pretrained`` drops modules it does not know)."""
+    from safetensors import safe_open
+
+    from anchorcoder.methods.anchorcoder import GATE_MODULE, attach_laa_gates, saved_gate_layers
+
+    layers = saved_gate_layers(_tensor_names(folder))
+    if not layers:
+        return
+    attach_laa_gates(model, layers)
+    gates = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            gates |= {k: f.get_tensor(k) for k in f.keys() if k.endswith(f".{GATE_MODULE}.weight")}
+    _, unexpected = model.load_state_dict(gates, strict=False)
+    if unexpected or len(gates) != len(layers):
+        raise RuntimeError(f"{folder}: LAA gates {unexpected or sorted(gates)} do not fit the model")
 
 
 # ---------------------------------------------------------------------------- sources
@@ -256,6 +271,8 @@ class Pretrained:
         revision = cfg.get("revision")
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+        if Path(path).is_dir():  # a merged gated-LAA model (trainer.save_merged) keeps its gates
+            restore_laa_gates(model, Path(path))
         commit = getattr(model.config, "_commit_hash", None)
         return model, tokenizer, f"{path}@{commit or revision or 'local'}"
 

@@ -235,6 +235,8 @@ def pack_documents(docs: list[Document], method, tokenizer, seq_len: int, pack: 
     without special tokens, cut to ``seq_len``; its :class:`Piece` knows the prompt's length."""
     from tqdm.auto import tqdm
 
+    if pack and any(doc.prompt for doc in docs):
+        raise ConfigError("data.pack=true: chat documents (with a prompt) train one per row; set data.pack=false")
     eos = tokenizer.eos_token_id
     pieces = []
     for doc in tqdm(docs, desc="tokenising", unit="doc", leave=False):

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PROMPT_SOURCES = ("mbpp_train", "stdlib_functions")
 
 
-def self_distill_documents(cfg: dict, model, tokenizer, device, model_cfg: dict):
+def self_distill_documents(cfg: dict, model, tokenizer, device, model_cfg: dict, sharded: bool = False):
     """Documents (prompt = chat prompt, text = the dense model's answer) of a ``self_distill`` config."""
     from anchorcoder.training.data import Document, benchmark_needles, find_contamination
 
@@ -42,6 +42,11 @@ def self_distill_documents(cfg: dict, model, tokenizer, device, model_cfg: dict)
     folder = Path(cfg["cache_dir"]).expanduser()
     answers_file, done_file = folder / f"{digest}.jsonl", folder / f"{digest}.done.json"
     if not done_file.exists():
+        if sharded:
+            raise ConfigError(
+                f"data=self_distill: the corpus {answers_file} is not generated yet, and a ZeRO-3 model is sharded; "
+                "generate it first with the same model and data options and deepspeed=none (e.g. trainer.max_steps=1)"
+            )
         if int(os.environ.get("RANK", 0)) == 0:
             _generate(prompts, answers_file, done_file, settings, model, tokenizer, device)
         else:  # other processes wait for rank 0's corpus

@@ -124,9 +124,10 @@ def _trainer_class():
     class MethodTrainer(Trainer):
         """The HF Trainer with the method's masked forward, tokens/s and mask density in its logs."""
 
-        def __init__(self, *args, method: KVMethod, objective: Objective, teacher=None, **kwargs):
+        def __init__(self, *args, method: KVMethod, objective: Objective, teacher=None, tokens_seen=0, **kwargs):
             super().__init__(*args, **kwargs)
             self.method, self.objective, self.teacher = method, objective, teacher
+            self.tokens_seen = tokens_seen
             self._tokens, self._clock, self._density, self._parts = 0, time.perf_counter(), [], {}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -175,8 +176,8 @@ def _trainer_class():
             if "loss" in logs:  # a training log: add throughput and the mask's density since the last one
                 now = time.perf_counter()
                 logs["tokens_per_s"] = round(self._tokens * self.args.world_size / max(now - self._clock, 1e-9), 1)
-                self.state.tokens_seen = getattr(self.state, "tokens_seen", 0) + self._tokens * self.args.world_size
-                logs["tokens_seen"] = self.state.tokens_seen  # real tokens fed in training so far
+                self.tokens_seen += self._tokens * self.args.world_size
+                logs["tokens_seen"] = self.tokens_seen  # real tokens fed in training so far (resumes included)
                 if self._density:
                     logs["mask_density"] = round(sum(self._density) / len(self._density), 4)
                 for key, values in self._parts.items():  # the objective's parts (distill: kl, ce)
@@ -411,10 +412,12 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     loaded = load_model(model_cfg, "cpu")  # the Trainer places it
     model, tokenizer = loaded.model, loaded.tokenizer
     try:
+        # self_distill answers with the plain model, before the method adds tokens or gates
+        generator = {"model": model, "tokenizer": tokenizer, "device": device, "model_cfg": container["model"],
+                     "sharded": container["deepspeed"]["name"] == "zero3"}  # fmt: skip
+        train_docs, val_docs = load_documents(container["data"], generator)
         method.prepare(model, tokenizer)
         check_against_model(container, model)
-        generator = {"model": model, "tokenizer": tokenizer, "device": device, "model_cfg": container["model"]}
-        train_docs, val_docs = load_documents(container["data"], generator)
         check_contamination(train_docs + val_docs, benchmark_needles(container["data"]))
     except ConfigError:
         discard_unfinished_run_dir(output_dir)
@@ -462,7 +465,7 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
             data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=_callbacks(tracker, output_dir, container["trainer"].get("max_minutes")), method=method,
-            objective=objective, teacher=teacher,
+            objective=objective, teacher=teacher, tokens_seen=_logged_tokens(output_dir) if resume_from else 0,
         )  # fmt: skip
         metrics = _train_and_save(trainer, container, output_dir, resume_from, data_info, main_process)
     except NonFiniteLoss as err:
@@ -494,7 +497,8 @@ def _train_and_save(trainer, cfg: dict, output_dir: Path, resume_from, data_info
     }  # fmt: skip
     if trainer.eval_dataset:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
+        if cfg["trainer"].get("objective", "ce") == "ce":  # a distillation loss is no perplexity
+            metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
     final = output_dir / FINAL
     trainer.save_model(str(final))  # adapter (LoRA) or weights (full); the tokenizer with its new tokens
     if main_process:
@@ -536,6 +540,13 @@ def _resume_point(cfg: dict, output_dir: Path) -> str | None:
         log_file.write_text("".join(line + "\n" for line in kept))
     log.info("resuming from %s", last)
     return str(last)
+
+
+def _logged_tokens(output_dir: Path) -> int:
+    """Tokens seen up to the checkpoint a run resumes from (its log is cut there)."""
+    log_file = output_dir / "train_log.jsonl"
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    return max((e["tokens_seen"] for e in entries if "tokens_seen" in e), default=0)
 
 
 def _last_checkpoint(output_dir: Path) -> Path | None:
