@@ -173,6 +173,10 @@ def main() -> None:
     parser.add_argument("--curve-humaneval", type=int, default=20, help="HumanEval problems at each checkpoint")
     parser.add_argument("--out", default="outputs/recovery_grid")
     parser.add_argument(
+        "--method-set", nargs="*", default=[],
+        help="method options for every row, in training and evaluation (method.anchors_see_anchors=true)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set",
         dest="overrides",
         nargs="*",
@@ -198,6 +202,7 @@ def main() -> None:
     grid["dense (untrained)"] = summary(dense)
     for name in args.rows:
         method, train = ROWS[name]
+        method = [*method, *args.method_set]
         train_run = out / f"train_{name}"
         if not (train_run / "metrics.json").exists():
             resume = ["trainer.resume=true"] if any(train_run.glob("checkpoint-*")) else []
@@ -228,7 +233,7 @@ def main() -> None:
     (out / "grid.md").write_text(report + "\n")
     print(report)
     if args.curve:
-        print(json.dumps(curve(out, args.rows[0], ROWS[args.rows[0]][0], args), indent=2))
+        print(json.dumps(curve(out, args.rows[0], [*ROWS[args.rows[0]][0], *args.method_set], args), indent=2))
 
 
 if __name__ == "__main__":
