@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN = [  # LoRA, lr 3e-4 constant after 5 warm-up steps, stop on time, every checkpoint kept (the curve)
     "trainer=lora", "trainer.max_steps=100000", "trainer.learning_rate=3e-4", "trainer.warmup_steps=5",
-    "trainer.save_steps=40", "trainer.save_total_limit=null", "trainer.eval_steps=0", "trainer.logging_steps=5",
+    "trainer.save_steps=15", "trainer.save_total_limit=null", "trainer.eval_steps=0", "trainer.logging_steps=5",
     "logger=none",
 ]  # fmt: skip
 SELF_DISTILL = [
