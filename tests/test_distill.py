@@ -133,6 +133,29 @@ def test_distill_and_mix_train_with_lora_and_full(tmp_path):
         assert all(e["loss_kl"] >= 0 and e["loss_ce"] > 0 and e["tokens_per_s"] > 0 for e in logged)
 
 
+def test_distill_resume_reproduces_the_losses_and_keeps_counting_tokens(tmp_path):
+    import shutil
+
+    options = ["method=anchorcoder", "method.laa_gate=true", "trainer.objective=distill", "trainer.lora.dropout=0.1"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train(whole, *options)
+    shutil.copytree(whole, stopped)  # the state a stop after step 2 leaves
+    shutil.rmtree(stopped / "checkpoint-4")
+    shutil.rmtree(stopped / "final")
+    (stopped / "metrics.json").unlink()
+    train(stopped, *options, "trainer.resume=true")
+
+    def logged(run):
+        return {
+            e["step"]: e for e in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in e
+        }
+
+    before, after = logged(whole), logged(stopped)
+    for step in (3, 4):
+        assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-5)
+        assert after[step]["tokens_seen"] == before[step]["tokens_seen"]
+
+
 # ---------------------------------------------------------------------------- chat rows
 def test_chat_rows_put_labels_on_the_answer_only(tiny):
     method = build_method({"name": "dense"})

@@ -336,12 +336,18 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (run / "checkpoint-1").is_dir() and not (run / "final").exists() and not (run / "metrics.json").exists()
 
 
-@pytest.mark.parametrize(("stage", "method"), [("zero2", "anchorcoder"), ("zero3", "anllm")])
-def test_deepspeed_on_cpu(tmp_path, stage, method):
+@pytest.mark.parametrize(
+    ("stage", "method", "extra"),
+    [("zero2", "anchorcoder", []), ("zero3", "anllm", []), ("zero2", "anchorcoder", ["trainer.objective=distill"])],
+    ids=["zero2-anchorcoder", "zero3-anllm", "zero2-anchorcoder-distill"],
+)
+def test_deepspeed_on_cpu(tmp_path, stage, method, extra):
     """The real DeepSpeed engine (CPU accelerator, gloo), one process, through train.py. ZeRO-3 shards the
-    model as it is built, so AnLLM's new <AC> row is initialised on gathered embeddings."""
+    model as it is built, so AnLLM's new <AC> row is initialised on gathered embeddings. Distillation's
+    frozen teacher runs beside the engine."""
     pytest.importorskip("deepspeed")
-    overrides = [*TINY_TRAIN, f"method={method}", "trainer=full", f"deepspeed={stage}", f"hydra.run.dir={tmp_path}/run"]
+    overrides = [*TINY_TRAIN, f"method={method}", "trainer=full", f"deepspeed={stage}", *extra,
+                 f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env, capture_output=True, text=True,
