@@ -11,6 +11,7 @@ forward; and how far the float32 masked forward is from float64.
     python scripts/anchor_equivalence.py                          # AnLLM EP/AC, tiny GQA Llama and SmolLM2
     python scripts/anchor_equivalence.py --method anchorcoder     # TAA, TAA+LAA, TAA+LAA+MHPE
     python scripts/anchor_equivalence.py --models tiny-llama --seeds 1
+    python scripts/anchor_equivalence.py --method anchorcoder --variants "gated LAA (gates opened at random)"
 
 Writes ``outputs/bench/anchor_equivalence_<time>.json`` and prints a markdown table.
 """
@@ -42,8 +43,18 @@ VARIANTS = {  # label -> method config
         "TAA": {"name": "anchorcoder", "laa": False},
         "TAA+LAA": {"name": "anchorcoder"},
         "TAA+LAA+MHPE": {"name": "anchorcoder", "mhpe": True},
+        "TAA+LAA, anchor queries read LAA": {"name": "anchorcoder", "laa_anchor_queries": True},
+        "gated LAA (gates opened at random)": {"name": "anchorcoder", "laa_gate": True},
     },
 }
+
+
+def open_gates(model, seed: int = 0) -> None:
+    """Gated LAA computes exactly TAA while its gates are closed: open them so the check means something."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "laa_gate"):
+            module.laa_gate.weight.data = torch.randn(module.laa_gate.weight.shape, generator=generator)
 
 
 def random_ids(anchor: int, length: int, seed: int) -> torch.Tensor:
@@ -88,6 +99,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", help="labels of the variants to run (default: all of --method's)")
     args = parser.parse_args()
     schedules = {
         "prefill + decode": [args.prefill] + [1] * (args.length - args.prefill),
@@ -99,9 +111,12 @@ def main() -> None:
             cfg = OmegaConf.to_container(compose(config_name="eval", overrides=[f"model={model_name}"]), resolve=True)
         loaded = load_model(cfg["model"], device="cpu")
         for label, options in VARIANTS[args.method].items():
+            if args.variants and label not in args.variants:
+                continue
             model, tokenizer = copy.deepcopy(loaded.model), copy.deepcopy(loaded.tokenizer)
             method = build_method(options)
             method.prepare(model, tokenizer)
+            open_gates(model)
             model64 = copy.deepcopy(model).double()
             float64_norms(model64)
             for dtype, net in (("float32", model), ("float64", model64)):
