@@ -8,6 +8,7 @@ Methods run in turns for ``--rounds`` rounds, so a slow patch of the machine hit
     python scripts/bench_training.py                                    # SmolLM2, seq_len 1024
     python scripts/bench_training.py --steps 12 data.seq_len=2048 trainer=full
     python scripts/bench_training.py --methods dense anchorcoder model=tiny-llama --steps 4
+    python scripts/bench_training.py --methods dense anchorcoder anchorcoder:distill   # method:objective
 
 Writes ``bench_training.json`` (and prints a table) under ``--out``.
 """
@@ -63,9 +64,10 @@ def main() -> None:
     config = {}
     for r in range(args.rounds):
         for method in args.methods:
-            run = out / f"round{r}_{method}"
+            run = out / f"round{r}_{method.replace(':', '_')}"
             shutil.rmtree(run, ignore_errors=True)  # a fresh run each time
-            cfg = compose([*fixed, f"method={method}", *args.overrides])
+            name, _, objective = method.partition(":")  # anchorcoder:distill = trainer.objective=distill
+            cfg = compose([*fixed, f"method={name}", f"trainer.objective={objective or 'ce'}", *args.overrides])
             config = {"model": cfg["model"]["name"], "trainer": cfg["trainer"]["name"], "seq_len": cfg["data"]["seq_len"],
                       "batch_size": cfg["trainer"]["batch_size"], "steps": args.steps}  # fmt: skip
             run_train(cfg, run)
