@@ -145,13 +145,9 @@ def test_laa_golden_columns_and_what_each_option_flips(tiny):
         assert pattern(visible[0, 0]) == expected, name
 
 
-def test_laa_is_one_softmax_over_the_source_anchors_and_the_own_keys(tiny4):
-    """Layer 1's attention output, recomputed by hand from the captured queries, keys and values:
-    softmax over [layer-0 keys of the visible earlier anchors ; layer-1 keys under the TAA rule]."""
-    from anchorcoder.generation.attention import repeat_kv_heads
-
-    method, model, _ = anchorcoder(tiny4)
-    ids = with_anchors(method, torch.randint(100, 1000, (1, 40), generator=torch.Generator().manual_seed(3)), 0.15, 4)
+def capture_attention(method, model, ids):
+    """One masked forward: each layer's (query, key, value) as the method's attention got them, and
+    layer 1's attention output (the input of its o_proj)."""
     seen, outputs = {}, {}
     original = method.adapt_attention
 
@@ -169,6 +165,17 @@ def test_laa_is_one_softmax_over_the_source_anchors_and_the_own_keys(tiny4):
     finally:
         hook.remove()
         del method.adapt_attention
+    return seen, outputs
+
+
+def test_laa_is_one_softmax_over_the_source_anchors_and_the_own_keys(tiny4):
+    """Layer 1's attention output, recomputed by hand from the captured queries, keys and values:
+    softmax over [layer-0 keys of the visible earlier anchors ; layer-1 keys under the TAA rule]."""
+    from anchorcoder.generation.attention import repeat_kv_heads
+
+    method, model, _ = anchorcoder(tiny4)
+    ids = with_anchors(method, torch.randint(100, 1000, (1, 40), generator=torch.Generator().manual_seed(3)), 0.15, 4)
+    seen, outputs = capture_attention(method, model, ids)
     query, key1, value1 = seen[1]
     _, key0, value0 = seen[0]
     anchors = (ids[0] == method.anchor_ids[0]).tolist()
@@ -396,23 +403,7 @@ def test_an_open_gate_adds_a_separate_softmax_over_the_source_anchors(tiny4):
 
     method, model, _ = gated(tiny4)
     ids = with_anchors(method, torch.randint(100, 1000, (1, 40), generator=torch.Generator().manual_seed(3)), 0.15, 4)
-    seen, outputs = {}, {}
-    original = method.adapt_attention
-
-    def capture(module, query, key, value, mask, source):
-        seen[module.layer_idx] = (query, key, value)
-        return original(module, query, key, value, mask, source)
-
-    hook = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
-        lambda module, args: outputs.__setitem__(1, args[0])
-    )
-    method.adapt_attention = capture
-    try:
-        with torch.inference_mode():
-            masked_forward(model, method, ids)
-    finally:
-        hook.remove()
-        del method.adapt_attention
+    seen, outputs = capture_attention(method, model, ids)
     query, key1, value1 = seen[1]
     _, key0, value0 = seen[0]
     gate = torch.tanh(model.model.layers[1].self_attn.laa_gate.weight)

@@ -104,28 +104,21 @@ def cached_attention(
     module, query, key, value, attention_mask, dropout=0.0, kv_cache=None, kv_method=None, kv_tokens=None, **kwargs
 ):
     # dropout may come positionally: wrappers such as kvpress' attention patch pass it so
+    out, weights = _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_method, kv_tokens, **kwargs)
     source = kv_cache if kv_cache is not None else kv_tokens
-    if source is None or kv_method is None or not kv_method.reshapes_attention:
-        return _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_method, kv_tokens, **kwargs)
-    # adapt_attention may turn the query (MHPE): adapt_output gets the one attention used
-    seen = {}
-    out, weights = _attend(
-        module, query, key, value, attention_mask, dropout, kv_cache, kv_method, kv_tokens, seen, **kwargs
-    )
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    return kv_method.adapt_output(module, seen["query"], out, source, scaling), weights
+    if source is not None and kv_method is not None and kv_method.reshapes_attention:
+        out = kv_method.adapt_output(module, out, source, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+    return out, weights
 
 
-def _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_method, kv_tokens, seen=None, **kwargs):
-    """:func:`cached_attention` up to the kernel's output; ``seen["query"]``: the query it attended with."""
+def _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_method, kv_tokens, **kwargs):
+    """:func:`cached_attention` up to the kernel's output."""
     kernel = _kernel(module)
     if kv_cache is None:  # a plain forward: behave like the kernel itself
         if kv_tokens is not None:  # a training forward of a method that reshapes attention
             query, key, value, attention_mask = kv_method.adapt_attention(
                 module, query, key, value, attention_mask, kv_tokens
             )
-            if seen is not None:
-                seen["query"] = query
         if _CAUSAL_MASKS.get() and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
             if key.shape[2] >= query.shape[2]:  # a full sequence under a causal training mask
                 return causal_blocks_attention(
@@ -144,8 +137,6 @@ def _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_met
             mask = mask & extra
     if kv_method is not None and kv_method.reshapes_attention:
         query, key, value, mask = kv_method.adapt_attention(module, query, key, value, mask, kv_cache)
-        if seen is not None:
-            seen["query"] = query
     if kernel is sdpa_attention_forward and q_len == 1 and query.shape[1] > key.shape[1]:
         return packed_decode_attention(module, query, key, value, mask, kwargs.get("scaling"), dropout)
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head

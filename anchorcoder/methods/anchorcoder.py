@@ -166,7 +166,7 @@ class AnchorCoder(AnchorMethod):
         gather = index[:, None, :, None].expand(-1, src_key.shape[1], -1, src_key.shape[-1])
         extra_key, extra_value = torch.gather(src_key, 2, gather), torch.gather(src_value, 2, gather)
         if self.laa_gate:  # a separate attention, added after the layer's own (adapt_output)
-            view.memo[f"laa/gated/{layer}"] = (extra_key, extra_value)
+            view.memo[f"laa/gated/{layer}"] = (query, extra_key, extra_value)  # the query as MHPE turned it
             return query, key, value, mask
         key = torch.cat([extra_key, key], dim=2)
         value = torch.cat([extra_value, value], dim=2)
@@ -180,7 +180,7 @@ class AnchorCoder(AnchorMethod):
             memo = view.memo["laa/mask"] = (mask, torch.cat([extra, mask], dim=-1))
         return query, key, value, memo[1]
 
-    def adapt_output(self, module, query, output, source, scaling: float):
+    def adapt_output(self, module, output, source, scaling: float):
         """Gated LAA (``laa_gate``), as LLaMA-Adapter's zero-initialised attention: the layer's own
         attention output plus ``tanh(gate_h)`` times a softmax over the visible source anchors alone,
         per query head. The gate starts at 0, so an untrained model computes exactly TAA; queries that
@@ -189,7 +189,7 @@ class AnchorCoder(AnchorMethod):
         extra = view.memo.pop(f"laa/gated/{module.layer_idx}", None)
         if extra is None:
             return output
-        extra_key, extra_value = extra
+        query, extra_key, extra_value = extra
         _, visible, _ = self._laa_columns(view)
         groups = query.shape[1] // extra_key.shape[1]
         extra_key, extra_value = (x.repeat_interleave(groups, dim=1) for x in (extra_key, extra_value))

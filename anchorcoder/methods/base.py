@@ -79,9 +79,9 @@ class KVMethod:
         per-head rotary positions)."""
         return query, key, value, mask
 
-    def adapt_output(self, module, query, output, source, scaling: float):
+    def adapt_output(self, module, output, source, scaling: float):
         """Change one layer's attention output ``[B, Q, H, D]`` (after the kernel), e.g. add a gated
-        attention over other keys; ``query`` is what :meth:`adapt_attention` returned."""
+        attention over other keys (what it needs of :meth:`adapt_attention`, it keeps itself)."""
         return output
 
     def describe(self) -> dict:
