@@ -208,23 +208,26 @@ class Objective:
     def loss(self, student, teacher, labels, hidden_ids=frozenset(), num_items=None):
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
-        inserted = supervised & torch.isin(targets, torch.tensor(sorted(hidden_ids), dtype=targets.dtype,
-                                                                   device=targets.device))  # fmt: skip
-        student, teacher = student[:, :-1].float(), teacher[:, :-1].float()
+        # only supervised rows enter the vocabulary-wide work (chat rows: the answer, not the prompt)
+        student, teacher, targets = (
+            student[:, :-1][supervised].float(),
+            teacher[:, :-1][supervised].float(),
+            targets[supervised],
+        )
+        inserted = torch.isin(targets, torch.tensor(sorted(hidden_ids), dtype=targets.dtype, device=targets.device))
         count = num_items if num_items is not None else supervised.sum().clamp(min=1)
         log_student = torch.log_softmax(student / self.temperature, dim=-1)
         log_teacher = torch.log_softmax(teacher / self.temperature, dim=-1)
         kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1) * self.temperature**2
-        nll = torch.nn.functional.cross_entropy(
-            student.transpose(1, 2), targets.masked_fill(~supervised, 0), reduction="none"
-        )
-        kl_sum = (kl * (supervised & ~inserted)).sum()
-        ce_sum = (nll * supervised).sum()
+        log_plain = log_student if self.temperature == 1 else torch.log_softmax(student, dim=-1)
+        nll = -log_plain.gather(-1, targets[:, None]).squeeze(-1)
+        kl_sum = kl[~inserted].sum()
+        ce_sum = nll.sum()
         if self.name == "distill":
-            total = kl_sum + (nll * inserted).sum()
+            total = kl_sum + nll[inserted].sum()
         else:
-            total = self.alpha * (kl_sum + (nll * inserted).sum()) + (1 - self.alpha) * ce_sum
-        plain = supervised.sum().clamp(min=1)
+            total = self.alpha * (kl_sum + nll[inserted].sum()) + (1 - self.alpha) * ce_sum
+        plain = max(len(targets), 1)
         return total / count, {"loss_kl": float(kl_sum.detach() / plain), "loss_ce": float(ce_sum.detach() / plain)}
 
 
