@@ -152,6 +152,18 @@ def test_anchorcoder_eval_run_checks_against_the_rule(tmp_path, tiny):
         assert x["kv"]["entries_final"] == kept * 2 * 2  # x layers x KV heads of the tiny model
     assert 0.5 < metrics["kv/reduction_final"] < 1.0
 
+    # scripts/check_anchor_kv.py agrees with the record, and its --rule path with its own check
+    spec = importlib.util.spec_from_file_location("check_anchor_kv", ROOT / "scripts" / "check_anchor_kv.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recorded = script.check(tmp_path)
+    assert recorded["samples"] == 2 and recorded["mismatches"] == []
+    assert recorded["reduction_final"] == pytest.approx(metrics["kv/reduction_final"], abs=1e-9)
+    assert recorded["reduction_peak"] == pytest.approx(metrics["kv/reduction_peak"], abs=1e-9)
+    assert script.check(tmp_path, rule=["method=anchorcoder"]) == recorded
+    whole = script.check(tmp_path, rule=["method=anchorcoder", "method.compress_prompt=false"])
+    assert whole["reduction_final"] < recorded["reduction_final"]
+
 
 def test_local_pretrained_folder_loads_like_a_hub_model(tmp_path, tiny):
     """The hub code path (model.source=pretrained), fed a folder written by save_pretrained."""
