@@ -121,7 +121,9 @@ def main() -> None:
     if args.rule:
         print(f"{args.run_dir}: {result['samples']} samples under the rule of {' '.join(args.rule)}")
     else:
-        print(f"{args.run_dir}: {result['samples']} samples, {len(result['mismatches'])} with recorded KV != the rule's")
+        print(
+            f"{args.run_dir}: {result['samples']} samples, {len(result['mismatches'])} with recorded KV != the rule's"
+        )
     for task_id, bad in result["mismatches"][:10]:
         print(f"  {task_id}: {bad}")
     for name in ("final", "peak"):
