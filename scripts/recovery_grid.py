@@ -173,6 +173,10 @@ def main() -> None:
     parser.add_argument("--curve-humaneval", type=int, default=20, help="HumanEval problems at each checkpoint")
     parser.add_argument("--out", default="outputs/recovery_grid")
     parser.add_argument(
+        "--no-dense", action="store_true",
+        help="skip the untrained dense model's runs (compare with a dense grid measured before)",
+    )  # fmt: skip
+    parser.add_argument(
         "--method-set", nargs="*", default=[],
         help="method options for every row, in training and evaluation (method.anchors_see_anchors=true)",
     )  # fmt: skip
@@ -195,11 +199,14 @@ def main() -> None:
     global MODEL_OVERRIDES
     MODEL_OVERRIDES = tuple(o for o in args.overrides if o.split("=")[0].split(".")[0] in ("model", "device"))
     out = (ROOT / args.out).resolve()
-    grid = {}
-    dense = {
-        b: evaluate(out / f"dense_{b}", o, ["method=dense"], None, args.batch_size) for b, o in benchmarks(args).items()
-    }
-    grid["dense (untrained)"] = summary(dense)
+    # rows measured by earlier calls into the same --out stay in grid.json
+    grid = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else {}
+    if not args.no_dense:
+        dense = {
+            b: evaluate(out / f"dense_{b}", o, ["method=dense"], None, args.batch_size)
+            for b, o in benchmarks(args).items()
+        }
+        grid["dense (untrained)"] = summary(dense)
     for name in args.rows:
         method, train = ROWS[name]
         method = [*method, *args.method_set]
