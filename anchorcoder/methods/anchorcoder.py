@@ -228,8 +228,9 @@ class AnchorCoder(AnchorMethod):
         the line index. RoPE rotations compose, so turning a key rotated at token ``p`` by ``line - p``
         gives the key rotated at ``line``. New keys are turned before they are cached."""
         if "mhpe/rotation" not in view.memo:
-            delta = (view.q_seg - view.q_pos.clamp(min=0)).float()
-            angles = delta[:, None, :, None] * self._inv_freq.to(delta.device)
+            # float64 angles: float32 cos/sin can differ by an ulp between a long and a one-token call
+            delta = (view.q_seg - view.q_pos.clamp(min=0)).double()
+            angles = delta[:, None, :, None] * self._inv_freq.to(delta.device, torch.float64)
             angles = torch.cat([angles, angles], dim=-1)
             view.memo["mhpe/rotation"] = (angles.cos().to(query.dtype), angles.sin().to(query.dtype))
         cos, sin = view.memo["mhpe/rotation"]
