@@ -44,6 +44,7 @@ ROWS = {
     "taa_distill": (["method=anchorcoder", "method.laa=false"], [*SELF_DISTILL, "trainer.objective=distill"]),
     "laa_distill": (["method=anchorcoder"], [*SELF_DISTILL, "trainer.objective=distill"]),
     "gated_distill": (["method=anchorcoder", "method.laa_gate=true"], [*SELF_DISTILL, "trainer.objective=distill"]),
+    "taa_ce_chat": (["method=anchorcoder", "method.laa=false"], [*SELF_DISTILL, "trainer.objective=ce"]),
     "taa_mix": (["method=anchorcoder", "method.laa=false"], [*SELF_DISTILL, "trainer.objective=mix"]),
     "taa_distill_prompt_whole": (
         ["method=anchorcoder", "method.laa=false", "method.compress_prompt=false"],

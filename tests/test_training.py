@@ -150,6 +150,28 @@ def test_every_training_option_validates(overrides):
         validate(compose_config("train", ["trainer=common"]))
 
 
+def load_recovery_grid():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_grid", ROOT / "scripts" / "recovery_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_recovery_grid_row_is_a_valid_train_and_eval_config():
+    from anchorcoder.evaluation.run import validate as validate_eval
+    from anchorcoder.training.trainer import validate as validate_train
+
+    grid = load_recovery_grid()
+    for name, (method, train_overrides) in grid.ROWS.items():
+        method = [*method, "method.anchors_see_anchors=true"]
+        cfg = compose_config("train", [*method, *grid.TRAIN, *train_overrides, "trainer.max_minutes=40"])
+        validate_train(cfg)
+        assert cfg["trainer"]["max_minutes"] == 40, name
+        validate_eval(compose_config("eval", [*method, "benchmark=humaneval"]))
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
