@@ -220,7 +220,7 @@ def main() -> None:
             b: evaluate(out / f"{name}_{b}", o, method, str(train_run), args.batch_size)
             for b, o in benchmarks(args).items()
         }
-        grid[name] = summary(results) | train_info(train_run) | {"method": method, "train": train}
+        grid[name] = summary(results) | train_info(train_run) | {"method": method, "train": [*train, *args.overrides]}
         (out / "grid.json").write_text(json.dumps(grid, indent=2))
     lines = [
         "| row | HumanEval solved | MBPP solved | code_ppl | code_needle 2k | KV red. HumanEval final: agg / per sample "
