@@ -229,6 +229,15 @@ def test_config_errors_name_the_key_and_the_valid_values(tiny):
     assert method.mhpe and method.laa and method.sink_tokens == 1 and method.anchor_mode == "newline"
 
 
+def test_redundant_laa_anchor_queries_is_warned(caplog):
+    build_method({"name": "anchorcoder", "laa_anchor_queries": True})
+    assert "changes nothing" not in caplog.text
+    build_method({"name": "anchorcoder", "laa_anchor_queries": True, "anchors_see_anchors": True})
+    assert "already lets anchor queries read them" in caplog.text
+    build_method({"name": "anchorcoder", "laa_anchor_queries": True, "laa": False})
+    assert "only acts with method.laa=true" in caplog.text
+
+
 def test_gradients_with_checkpointing_equal_plain_backward(tiny4):
     """Training with gradient checkpointing (non-reentrant): the recomputed layers must see the LAA keys
     and MHPE rotation again, so the model stays routed through our attention for forward and backward."""

@@ -75,6 +75,10 @@ class AnchorCoder(AnchorMethod):
             raise ConfigError(
                 f"method.laa_source_layer must be null or a layer index >= 0, got {self.laa_source_layer}"
             )
+        if self.laa_anchor_queries and (self.anchors_see_anchors or not self.laa):
+            reason = "method.anchors_see_anchors=true already lets anchor queries read them" if self.laa else (
+                "it only acts with method.laa=true")
+            log.warning("method.laa_anchor_queries=true changes nothing here: %s", reason)
         self._inv_freq: torch.Tensor | None = None
         self._num_layers = 0
 
