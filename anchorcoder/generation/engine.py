@@ -35,6 +35,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
     seed: int = 0
+    prefill_chunk: int | None = None  # prompt tokens per prefill forward (the method prunes after each); None: all
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
@@ -49,6 +50,7 @@ class GenerationSettings:
                 "generation.n_samples > 1 needs generation.do_sample=true (greedy samples are identical)",
             ),
             (not self.do_sample or self.temperature > 0, "generation.do_sample=true needs temperature > 0"),
+            (self.prefill_chunk is None or self.prefill_chunk >= 1, "generation.prefill_chunk must be >= 1 or null"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,6 +114,11 @@ def check_batching(method: KVMethod, settings: GenerationSettings) -> None:
             f"method={method.name} cannot handle left-padded batches: set generation.batch_size=1 "
             f"(got {settings.batch_size})"
         )
+    if not method.chunked_prefill and settings.prefill_chunk is not None:
+        raise ConfigError(
+            f"method={method.name} compresses the whole prompt in one prefill forward: set "
+            f"generation.prefill_chunk=null (got {settings.prefill_chunk})"
+        )
 
 
 def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None):
@@ -138,14 +145,16 @@ def cache_argument(model) -> str:
 
 
 def forward_with_cache(
-    model, cache: KVCache, method: KVMethod, input_ids, positions, logits_to_keep: int = 0, phase: str = "prefill"
-):
-    """One forward of ``input_ids`` at absolute ``positions`` (``-1`` = padding) through ``cache``.
+    model, cache: KVCache, method: KVMethod, input_ids, positions, logits_to_keep: int = 0, phase: str = "prefill",
+    prompt_done: bool = True,
+):  # fmt: skip
+    """One forward of ``input_ids`` at absolute ``positions`` (``-1`` = padding) through ``cache``;
+    ``prompt_done=False`` for a prompt chunk that more prompt follows.
 
     The model's attention must be routed through :func:`engine_attention`.
     """
     cache.begin_step(positions, phase)
-    method.before_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
+    method.before_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase, prompt_done=prompt_done))
     return model(
         input_ids=input_ids,
         position_ids=positions.clamp(min=0),
@@ -157,22 +166,31 @@ def forward_with_cache(
     )
 
 
-def incremental_logits(model, method: KVMethod, input_ids: torch.Tensor, chunks: list[int], observe=None):
+def incremental_logits(
+    model, method: KVMethod, input_ids: torch.Tensor, chunks: list[int], observe=None, prompt: int | None = None
+):
     """Logits ``[B, T, V]`` of feeding ``input_ids`` ``[B, T]`` in chunks (e.g. ``[prompt, 1, 1, ...]``)
     through a :class:`KVCache`, the method pruning after every chunk: what a trained method's masked
-    forward must reproduce. ``observe(cache, end)`` is called after each chunk's pruning."""
-    if sum(chunks) != input_ids.shape[1] or min(chunks) < 1:
-        raise ValueError(f"chunks {chunks} must be positive and sum to the sequence length {input_ids.shape[1]}")
+    forward must reproduce. The first ``prompt`` tokens (default: the first chunk) are the prompt, fed
+    as prefill chunks (e.g. ``[7, 7, 7, 3, 1, 1, ...]`` with ``prompt=24``). ``observe(cache, end)`` is
+    called after each chunk's pruning."""
+    prompt = chunks[0] if prompt is None else prompt
+    ends = [sum(chunks[: i + 1]) for i in range(len(chunks))]
+    if sum(chunks) != input_ids.shape[1] or min(chunks) < 1 or prompt not in ends:
+        raise ValueError(
+            f"chunks {chunks} must be positive, sum to the sequence length {input_ids.shape[1]} and end one at "
+            f"the prompt's end ({prompt})"
+        )
     cache = KVCache(*model_kv_shape(model))
     logits, start = [], 0
     with engine_attention(model), torch.inference_mode():
         for size in chunks:
             ids = input_ids[:, start : start + size]
             positions = torch.arange(start, start + size, device=ids.device).expand_as(ids)
-            phase = "prefill" if start == 0 else "decode"
-            out = forward_with_cache(model, cache, method, ids, positions, phase=phase).logits
+            phase, done = ("prefill", start + size == prompt) if start < prompt else ("decode", True)
+            out = forward_with_cache(model, cache, method, ids, positions, phase=phase, prompt_done=done).logits
             logits.append(out.to(torch.promote_types(out.dtype, torch.float32)))
-            method.after_step(cache, StepInfo(input_ids=ids, positions=positions, phase=phase))
+            method.after_step(cache, StepInfo(ids, positions, phase, done))
             start += size
             if observe is not None:
                 observe(cache, start)
@@ -250,11 +268,23 @@ class GenerationEngine:
             value = torch.cuda.max_memory_allocated(self.device)
             setattr(self.stats, attr, max(getattr(self.stats, attr) or 0, value))
 
-    def _forward(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor, phase: str):
-        out = forward_with_cache(self.model, cache, self.method, input_ids, positions, logits_to_keep=1, phase=phase)
+    def _prefill(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor):
+        """Feed the prompts in chunks of ``prefill_chunk`` tokens (all at once by default), the method
+        pruning after each, so the cache never holds more than what the method keeps plus one chunk."""
+        width = input_ids.shape[1]
+        chunk = self.settings.prefill_chunk or width
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            logits = self._forward(cache, input_ids[:, start:end], positions[:, start:end], "prefill", end == width)
+        return logits
+
+    def _forward(self, cache: KVCache, input_ids, positions, phase: str, prompt_done: bool = True):
+        out = forward_with_cache(
+            self.model, cache, self.method, input_ids, positions, logits_to_keep=1, phase=phase, prompt_done=prompt_done
+        )
         self._observe(cache)  # before pruning: the full step existed in memory
         prunes = cache.prunes
-        self.method.after_step(cache, StepInfo(input_ids=input_ids, positions=positions, phase=phase))
+        self.method.after_step(cache, StepInfo(input_ids, positions, phase, prompt_done))
         if cache.prunes != prunes:
             self._observe(cache)
         return out.logits[:, -1, :].float()
@@ -316,7 +346,7 @@ class GenerationEngine:
         self._cuda_peak_start()
         self._sync()
         t0 = time.perf_counter()
-        logits = self._forward(cache, input_ids, positions, "prefill")
+        logits = self._prefill(cache, input_ids, positions)
         if len(unique) != len(rows):  # one prefill per prompt, repeated for its samples
             expand = torch.tensor([unique.index(p) for p, _ in rows], device=self.device)
             cache.select_rows(expand)

@@ -41,6 +41,7 @@ class StepInfo:
     input_ids: torch.Tensor  # [B, Q]
     positions: torch.Tensor  # [B, Q], -1 = padding
     phase: str  # "prefill" | "decode"
+    prompt_done: bool = True  # False for a prompt chunk that more prompt follows (generation.prefill_chunk)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class KVMethod:
     name: ClassVar[str] = "base"
     trained: ClassVar[bool] = False  # whether the method needs fine-tuning to keep quality
     handles_padding: ClassVar[bool] = True  # False: left-padded batches are refused (batch_size must be 1)
+    chunked_prefill: ClassVar[bool] = True  # False: generation.prefill_chunk is refused (one prefill forward)
     hidden_token_ids: ClassVar[frozenset[int]] = frozenset()  # set per instance by prepare()
 
     def prepare(self, model, tokenizer) -> None:

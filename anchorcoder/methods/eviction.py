@@ -51,6 +51,7 @@ class ScoredEviction(KVMethod):
     compression_ratio: float = 0.5
     max_tokens: int | None = None
     schedule: str = "after_prefill"
+    prefill_cap: bool = False  # with generation.prefill_chunk: also evict after every prompt chunk
     decode_slack: int = 0
     skip_layers: list[int] = field(default_factory=lambda: [0, 1])
     protect_sink: int = 0
@@ -85,7 +86,9 @@ class ScoredEviction(KVMethod):
             raise ConfigError(f"method.skip_layers has {bad}, but the model has layers 0..{layers - 1}")
 
     def after_step(self, cache: KVCache, step: StepInfo) -> None:
-        if self.schedule == "after_prefill" and step.phase != "prefill":
+        if self.schedule == "after_prefill" and (
+            step.phase != "prefill" or not (step.prompt_done or self.prefill_cap)
+        ):
             return
         seen = step.positions.max(dim=-1).values + 1  # [B] tokens seen per row
         if self.max_tokens is None:

@@ -74,6 +74,7 @@ class KVPressBridge(KVMethod):
 
     name: ClassVar[str] = "kvpress"
     handles_padding: ClassVar[bool] = False  # kvpress presses score unpadded rows
+    chunked_prefill: ClassVar[bool] = False  # a press compresses the prompt from one prefill forward's states
 
     press: str = "knorm"
     compression_ratio: float = 0.5
