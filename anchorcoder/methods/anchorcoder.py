@@ -75,10 +75,13 @@ class AnchorCoder(AnchorMethod):
             raise ConfigError(
                 f"method.laa_source_layer must be null or a layer index >= 0, got {self.laa_source_layer}"
             )
-        if self.laa_anchor_queries and (self.anchors_see_anchors or not self.laa):
-            reason = "method.anchors_see_anchors=true already lets anchor queries read them" if self.laa else (
-                "it only acts with method.laa=true")
-            log.warning("method.laa_anchor_queries=true changes nothing here: %s", reason)
+        if self.laa_anchor_queries and not self.laa:
+            log.warning("method.laa_anchor_queries=true changes nothing here: it only acts with method.laa=true")
+        elif self.laa_anchor_queries and self.anchors_see_anchors:
+            log.warning(
+                "method.laa_anchor_queries=true changes nothing here: "
+                "method.anchors_see_anchors=true already lets anchor queries read them"
+            )
         self._inv_freq: torch.Tensor | None = None
         self._num_layers = 0
 
