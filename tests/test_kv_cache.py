@@ -9,7 +9,7 @@ import torch
 
 from anchorcoder.generation import GenerationEngine, GenerationSettings, KVCache
 from anchorcoder.generation.attention import engine_attention
-from anchorcoder.generation.cache import GROWTH
+from anchorcoder.generation.cache import GROWTH, take_entries
 from anchorcoder.generation.engine import forward_with_cache
 from anchorcoder.methods import KVMethod, StepInfo, build_method
 
@@ -82,8 +82,28 @@ def test_appending_writes_in_place_and_keeps_at_most_growth_free_slots():
         assert 0 <= free_slots <= 3
     # one new allocation per 1 + growth appended steps, the rest written in place
     assert len(set(stores)) == 2 and stores[:4] == [stores[0]] * 4 and stores[4:] == [stores[4]] * 3
-    cache.keep(0, torch.tensor([[0, 11]]))  # pruning allocates exactly what it keeps
-    assert cache.allocated_bytes() == cache.tensor_bytes() == 2 * (2 * 2 * 4 * 4)
+    cache.keep(0, torch.tensor([[0, 11]]))  # pruning allocates what it keeps + growth free slots
+    entry = 2 * 2 * 4 * 4  # K and V, 2 heads, 4 dims, float32
+    assert cache.tensor_bytes() == 2 * entry and cache.allocated_bytes() == (2 + 3) * entry
+    assert torch.equal(cache.keys[0], keys[:, :, [0, 11]]) and torch.equal(cache.values[0], values[:, :, [0, 11]])
+    store = cache.keys[0].untyped_storage().data_ptr()
+    cache.begin_step(torch.tensor([[12]]), "decode")
+    new = torch.randn(1, 2, 1, 4)
+    k, _ = cache.update(new, new, 0)  # the next step appends in place: no second copy of what was kept
+    assert k.untyped_storage().data_ptr() == store and torch.equal(k[:, :, -1:], new)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_take_entries_equals_gather(per_head, transposed):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 2, 5).transpose(1, 2) if transposed else torch.randn(3, 2, 7, 5)  # [B, H, S, D]
+    x = x[:, :, 1:]  # a view with an offset, as the cache's views of its allocations
+    index = torch.randint(0, 6, (3, 2, 4) if per_head else (3, 4))
+    full = index if per_head else index[:, None, :].expand(-1, 2, -1)
+    expected = torch.gather(x, 2, full[..., None].expand(-1, -1, -1, 5))
+    assert torch.equal(take_entries(x, index), expected)
+    assert torch.equal(take_entries(x, index, room=3)[:, :, :4], expected)
 
 
 @dataclass
@@ -139,13 +159,13 @@ def test_pruned_decoding_equals_masked_forward(tiny, per_head):
 
 
 def test_keep_frees_the_old_tensors(tiny):
-    cache = KVCache(1, 2, 4)
+    cache = KVCache(1, 2, 4, growth=2)
     cache.begin_step(torch.arange(8)[None])
     cache.update(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), 0)
     old = cache.keys[0].untyped_storage().data_ptr()
     cache.keep(0, torch.tensor([[1, 5]]))
     assert cache.keys[0].shape == (1, 2, 2, 4)
-    assert cache.keys[0].untyped_storage().nbytes() == 2 * 2 * 4 * 4  # a new, small allocation
+    assert cache.keys[0].untyped_storage().nbytes() == (2 + 2) * 2 * 4 * 4  # a new, small allocation (+ growth)
     assert cache.keys[0].untyped_storage().data_ptr() != old
     assert cache.positions[0].tolist() == [[1, 5]]
     assert cache.tensor_bytes() == 2 * (2 * 2 * 4 * 4)

@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from anchorcoder.generation.cache import take_entries
 from anchorcoder.methods.anchors import (
     KEY_ANCHOR,
     KEY_SEGMENT,
@@ -169,9 +170,7 @@ class AnchorCoder(AnchorMethod):
         if columns is None:
             return query, key, value, mask
         index, visible, all_visible = columns
-        src_key, src_value = view.layer_kv(src)
-        gather = index[:, None, :, None].expand(-1, src_key.shape[1], -1, src_key.shape[-1])
-        extra_key, extra_value = torch.gather(src_key, 2, gather), torch.gather(src_value, 2, gather)
+        extra_key, extra_value = self._source_anchors(view, src, index)
         if self.laa_gate:  # a separate attention, added after the layer's own (adapt_output)
             view.memo[f"laa/gated/{layer}"] = (query, extra_key, extra_value)  # the query as MHPE turned it
             return query, key, value, mask
@@ -207,6 +206,18 @@ class AnchorCoder(AnchorMethod):
         gate = module.laa_gate().to(query.dtype)  # [H], float32 in the module
         added = (weights @ extra_value) * gate[None, :, None, None]  # [B, H, Q, D]
         return output + added.transpose(1, 2).reshape(output.shape)
+
+    def _source_anchors(self, view: _View, src: int, index: torch.Tensor):
+        """Keys and values of the source layer's anchors at ``index``. In the engine they are kept
+        across steps until an anchor is fed or the cache is pruned (anchors already held never
+        change, and the keys a step appends come after them)."""
+        memo = None if view.training else view.cache.layout_memo
+        if memo is not None and not view.memo["fed_anchor"] and ("laa", src) in memo:
+            return memo[("laa", src)]
+        found = tuple(take_entries(x, index) for x in view.layer_kv(src))
+        if memo is not None:
+            memo[("laa", src)] = found
+        return found
 
     def _laa_columns(self, view: _View):
         """(index ``[B, A]`` of the anchors among the keys, their visibility ``[B, 1, Q, A]``, whether

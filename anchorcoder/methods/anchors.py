@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from anchorcoder.generation.cache import append_along
 from anchorcoder.methods.base import KVMethod, StepInfo
 from anchorcoder.registry import ConfigError
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels that take no loss (padding)
 OPEN_SEGMENT, KEY_SEGMENT, KEY_ANCHOR, STEP = "anchor/open", "anchor/key_seg", "anchor/key_anchor", "anchor/step"
+STORE = "/store"  # suffix: the allocation (with free slots) of which KEY_SEGMENT / KEY_ANCHOR are views
 SINK = "anchor/sink"  # [B] per row: positions below it are kept and seen by all (sinks, or the whole prompt)
 
 
@@ -228,11 +230,11 @@ class AnchorMethod(KVMethod):
             open_seg = torch.zeros(q_anchor.shape[0], dtype=torch.long, device=q_anchor.device)
         q_seg = segment_ids(q_anchor, open_seg)
         state[OPEN_SEGMENT] = open_seg + q_anchor.sum(-1)
-        if KEY_SEGMENT in state:
-            state[KEY_SEGMENT] = torch.cat([state[KEY_SEGMENT], q_seg], dim=-1)
-            state[KEY_ANCHOR] = torch.cat([state[KEY_ANCHOR], q_anchor], dim=-1)
-        else:
-            state[KEY_SEGMENT], state[KEY_ANCHOR] = q_seg, q_anchor
+        for key, new in ((KEY_SEGMENT, q_seg), (KEY_ANCHOR, q_anchor)):  # appended in place, like the cache
+            if key in state:
+                state[key + STORE], state[key] = append_along(state[key + STORE], state[key], new, -1)
+            else:
+                state[key + STORE] = state[key] = new
         # not a tensor, so select_rows leaves it alone; it is rebuilt every step
         state[STEP] = {"seg": q_seg, "anchor": q_anchor, "fed_anchor": bool(q_anchor.any()), "mask": None}
 
@@ -271,8 +273,10 @@ class AnchorMethod(KVMethod):
         index = order.masked_fill(filler, -1)
         cache.keep_all(index)
         safe = index.clamp(min=0)
-        state[KEY_SEGMENT] = torch.gather(state[KEY_SEGMENT], -1, safe).masked_fill(filler, -1)
-        state[KEY_ANCHOR] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
+        state[KEY_SEGMENT] = state[KEY_SEGMENT + STORE] = torch.gather(state[KEY_SEGMENT], -1, safe).masked_fill(
+            filler, -1
+        )
+        state[KEY_ANCHOR] = state[KEY_ANCHOR + STORE] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
 
 
 def document_mask(visible: torch.Tensor | bool, real: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
