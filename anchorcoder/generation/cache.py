@@ -60,9 +60,9 @@ def take_entries(x: torch.Tensor, index: torch.Tensor, room: int = 0) -> torch.T
     else:
         sb, sh, ss = (s // dim for s in strides[:3])
         rows = x.as_strided((1 + ((batch - 1) * sb + (heads - 1) * sh + (x.shape[2] - 1) * ss), dim), (dim, 1))
-        base = (torch.arange(batch, device=x.device) * sb)[:, None, None] + (
-            torch.arange(heads, device=x.device) * sh
-        )[None, :, None]
+        base = (torch.arange(batch, device=x.device) * sb)[:, None, None] + (torch.arange(heads, device=x.device) * sh)[
+            None, :, None
+        ]
         out = rows.index_select(0, (base + index * ss).reshape(-1)).view(batch, heads, -1, dim)
     return out
 

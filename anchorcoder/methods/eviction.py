@@ -86,9 +86,7 @@ class ScoredEviction(KVMethod):
             raise ConfigError(f"method.skip_layers has {bad}, but the model has layers 0..{layers - 1}")
 
     def after_step(self, cache: KVCache, step: StepInfo) -> None:
-        if self.schedule == "after_prefill" and (
-            step.phase != "prefill" or not (step.prompt_done or self.prefill_cap)
-        ):
+        if self.schedule == "after_prefill" and (step.phase != "prefill" or not (step.prompt_done or self.prefill_cap)):
             return
         seen = step.positions.max(dim=-1).values + 1  # [B] tokens seen per row
         if self.max_tokens is None:
