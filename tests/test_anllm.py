@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from anchorcoder.generation import GenerationEngine, GenerationSettings
-from anchorcoder.generation.engine import incremental_logits, model_kv_shape
 from anchorcoder.generation.cache import GROWTH
+from anchorcoder.generation.engine import incremental_logits, model_kv_shape
 from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import kept_count, masked_forward
 from anchorcoder.methods.sentences import insert_after_sentences, sentence_ends

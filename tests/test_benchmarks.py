@@ -176,15 +176,15 @@ def test_interrupted_humaneval_run_resumes_without_regenerating(tmp_path, monkey
     overrides = [*TINY, "benchmark=humaneval", "benchmark.limit=4"]
     cfg = compose_config(overrides=overrides)
     calls = []
-    original = GenerationEngine._generate_batch
+    original = GenerationEngine._admit  # prefills the rows that join the batch
 
-    def counting(self, rows, prompts, targets=None):
-        calls.append(rows)
+    def counting(self, admitted, prompts, running):
+        calls.append([row for _, row in admitted])
         if len(calls) == 3:
             raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the third problem
-        return original(self, rows, prompts, targets)
+        return original(self, admitted, prompts, running)
 
-    monkeypatch.setattr(GenerationEngine, "_generate_batch", counting)
+    monkeypatch.setattr(GenerationEngine, "_admit", counting)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg, tmp_path)
     log = tmp_path / "generations.jsonl"

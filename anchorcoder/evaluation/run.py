@@ -51,6 +51,7 @@ RESUME_IGNORES = (
     "device",
     "execution",
     "generation.batch_size",
+    "generation.continuous_batching",
     "generation.pass_k",
     "benchmark.limit",
     "benchmark.timeout_s",  # changes verdicts only: a resumed run scores every sample again
@@ -374,4 +375,5 @@ def _generate_with_progress(engine, problems, prompt_ids, targets, benchmark, st
 
         if todo:
             engine.generate(prompt_ids, on_result=on_result, rows=todo, targets=targets)
+            write_json(out / "engine_stats.json", asdict(engine.stats))  # with the last step's time
     return [done[(problems[p].task_id, s)] for p, s in wanted], len(wanted) - len(todo)

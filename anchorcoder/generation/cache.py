@@ -44,6 +44,18 @@ def append_along(store: torch.Tensor, held: torch.Tensor, new: torch.Tensor, dim
     return store, store.narrow(dim, 0, total)
 
 
+def _left_pad(x: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """``x`` with ``fill`` before its entries up to ``width`` entries: along the last dim of positions
+    ``[B, (H,) S]``, along dim 2 of keys and values ``[B, H, S, D]``."""
+    dim = 2 if x.dim() == 4 else -1
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_full(shape, fill), x], dim=dim)
+
+
 def take_entries(x: torch.Tensor, index: torch.Tensor, room: int = 0) -> torch.Tensor:
     """Entries ``index`` (``[B, A]`` for every head, or ``[B, H, A]``) of ``x`` ``[B, H, S, D]``: what
     ``torch.gather`` along dim 2 gives, as one ``index_select`` over rows of ``D`` values (on CPU 2-13x
@@ -210,6 +222,84 @@ class KVCache:
         for key, state in list(self.method_state.items()):
             if isinstance(state, torch.Tensor):
                 self.method_state[key] = state.index_select(0, rows)
+        self._memo.clear()
+        self.layout_memo.clear()
+
+    def append_rows(self, other: KVCache, entry_state: tuple[str, ...] = ()) -> None:
+        """Add ``other``'s rows after this cache's (continuous batching: newly prefilled rows join the
+        running ones). Per layer the shorter side is left-padded with padding entries (position -1),
+        so every row keeps its entries in order; layers that share one positions tensor on both sides
+        still share one. ``entry_state``: keys of ``method_state`` holding one value per cached entry
+        (``[B, S]``, as the shared positions), padded alike (-1, or False); per-row tensors ``[B]`` are
+        concatenated; other tensors are dropped (the method rebuilds them); the rest is kept as is."""
+        joined: dict[tuple[int, int], torch.Tensor] = {}
+
+        def join(a: torch.Tensor, b: torch.Tensor, fill) -> torch.Tensor:
+            key = (id(a), id(b))
+            if key not in joined:
+                if a.dim() != b.dim():  # one side keeps per-head positions: give the other the same
+                    a, b = (x[:, None, :].expand(-1, self.num_kv_heads, -1) if x.dim() == 2 else x for x in (a, b))
+                dim = 2 if a.dim() == 4 else -1
+                width = max(a.shape[dim], b.shape[dim])
+                joined[key] = torch.cat([_left_pad(a, width, fill), _left_pad(b, width, fill)])
+            return joined[key]
+
+        for layer in range(self.num_layers):
+            keys = join(self.keys[layer], other.keys[layer], 0)
+            values = join(self.values[layer], other.values[layer], 0)
+            self._set_layer(layer, keys, values)
+            self.positions[layer] = join(self.positions[layer], other.positions[layer], PAD_POSITION)
+        shared = self._shared_after is not None and other._shared_after is not None
+        self._shared_after = self._shared_store = (
+            join(self._shared_after, other._shared_after, PAD_POSITION) if shared else None
+        )
+        for layer in range(self.num_layers):
+            own = self.positions[layer] is not self._shared_after
+            self._position_store[layer] = self.positions[layer] if own else None
+        self._shared_before = self.step_positions = None
+        self.peak_entries = torch.cat([self.peak_entries, other.peak_entries])
+        for key in set(self.method_state) | set(other.method_state):
+            mine, theirs = self.method_state.get(key), other.method_state.get(key)
+            if key in entry_state:
+                self.method_state[key] = join(mine, theirs, -1 if mine.dtype != torch.bool else False)
+            elif isinstance(mine, torch.Tensor) and mine.dim() == 1:
+                self.method_state[key] = torch.cat([mine, theirs])
+            elif isinstance(mine, torch.Tensor):  # derived from the entries (e.g. an allocation): rebuilt
+                del self.method_state[key]
+        self.has_padding = any(bool((p < 0).any()) for p in {id(p): p for p in self.positions}.values())
+        self.prunes += 1
+        self._memo.clear()
+        self.layout_memo.clear()
+
+    def drop_leading_padding(self, entry_state: tuple[str, ...] = ()) -> None:
+        """Free the leading entries that are padding in every row (left after the longest rows left);
+        ``entry_state`` as in :meth:`append_rows`."""
+        trimmed: dict[int, int] = {}
+        for layer in range(self.num_layers):
+            pos = self.positions[layer]
+            if id(pos) not in trimmed:
+                real = (pos >= 0).reshape(-1, pos.shape[-1]).any(0)
+                trimmed[id(pos)] = int(real.int().argmax()) if bool(real.any()) else 0
+        if not any(trimmed.values()):
+            return
+        shared = self._shared_after
+        cut = {}
+        for layer in range(self.num_layers):
+            pos, start = self.positions[layer], trimmed[id(self.positions[layer])]
+            if start:  # copied: the cache appends into leading views of its allocations only
+                length = pos.shape[-1] - start
+                self._set_layer(layer, *(t[:, :, start:].contiguous() for t in (self.keys[layer], self.values[layer])))
+                if id(pos) not in cut:
+                    cut[id(pos)] = pos.narrow(-1, start, length).contiguous()
+                self.positions[layer] = cut[id(pos)]
+        if shared is not None and id(shared) in cut:
+            self._shared_after = self._shared_store = cut[id(shared)]
+            for key in entry_state:
+                self.method_state[key] = self.method_state[key][:, trimmed[id(shared)] :].contiguous()
+        for layer in range(self.num_layers):
+            own = self.positions[layer] is not self._shared_after
+            self._position_store[layer] = self.positions[layer] if own else None
+        self.prunes += 1
         self._memo.clear()
         self.layout_memo.clear()
 

@@ -2,8 +2,11 @@
 
 Rows of a batch are (prompt, sample) pairs. Each distinct prompt is prefilled once (left-padded) and
 its cache repeated for its samples; finished rows leave the batch at once, so their cache is freed.
-After every forward the method prunes the cache, and the engine records, per row, the K/V entries and
-bytes held (after the forward, before pruning, and after pruning) so that peaks are real.
+With continuous batching (the default) a finished row's slot takes the next row at once: the newcomers
+are prefilled on their own (in chunks if asked) and join the running rows' cache, left-padded;
+otherwise a new batch starts only when the whole batch has finished. After every forward the method
+prunes the cache, and the engine records, per row, the K/V entries and bytes held (after the forward,
+before pruning, and after pruning) so that peaks are real.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +40,7 @@ class GenerationSettings:
     stop_at_eos: bool = True
     seed: int = 0
     prefill_chunk: int | None = None  # prompt tokens per prefill forward (the method prunes after each); None: all
+    continuous_batching: bool = True  # a finished row's slot takes the next row at once (False: batch by batch)
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
@@ -243,16 +248,16 @@ class GenerationEngine:
             rows = [(p, s) for p in range(len(prompts)) for s in range(self.settings.n_samples)]
         rows = list(rows)
         results: list[SampleResult] = []
+
+        def finished(result: SampleResult) -> None:
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+
         with engine_attention(self.model), torch.inference_mode():
-            for i in range(0, len(rows), self.settings.batch_size):
-                start = time.perf_counter()
-                batch = self._generate_batch(rows[i : i + self.settings.batch_size], prompts, targets)
-                self.stats.wall_s += time.perf_counter() - start  # per batch, so stats stay whole if stopped
-                for result in batch:
-                    results.append(result)
-                    if on_result is not None:
-                        on_result(result)
-        return results
+            self._decode_rows(rows, prompts, targets, finished)
+        order = {row: i for i, row in enumerate(rows)}
+        return sorted(results, key=lambda r: order[(r.prompt_index, r.sample_index)])
 
     # ------------------------------------------------------------------ internals
     def _sync(self):
@@ -333,112 +338,148 @@ class GenerationEngine:
         cut = min((i for i in (text.find(s) for s in self.settings.stop) if i >= 0), default=len(text))
         return text[:cut]
 
-    def _generate_batch(self, rows: list[tuple[int, int]], prompts: list[list[int]], targets=None):
-        settings = self.settings
-        steps = settings.max_new_tokens if targets is None else max(len(targets[p]) for p, _ in rows)
-        unique = list(dict.fromkeys(p for p, _ in rows))
+    def _admit(self, admitted: list[tuple[int, tuple[int, int]]], prompts: list[list[int]], running: int):
+        """Prefill the rows ``admitted`` (order, (prompt, sample)) together: a new cache, the logits of
+        their first token and their :class:`_Row` records."""
+        unique = list(dict.fromkeys(p for _, (p, _) in admitted))
         for p in unique:
             if not prompts[p]:
                 raise ConfigError(f"prompt {p} is empty after tokenisation")
         cache = KVCache(self.num_layers, self.num_kv_heads, self.head_dim)
         input_ids, positions = self._left_pad([prompts[p] for p in unique])
-
+        self._cuda_peak("cuda_decode_max_allocated")
         self._cuda_peak_start()
         self._sync()
         t0 = time.perf_counter()
         logits = self._prefill(cache, input_ids, positions)
-        if len(unique) != len(rows):  # one prefill per prompt, repeated for its samples
-            expand = torch.tensor([unique.index(p) for p, _ in rows], device=self.device)
+        if len(unique) != len(admitted):  # one prefill per prompt, repeated for its samples
+            expand = torch.tensor([unique.index(p) for _, (p, _) in admitted], device=self.device)
             cache.select_rows(expand)
             self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.allocated_bytes())
             logits = logits[expand]
         self._sync()
         prefill_s = time.perf_counter() - t0
         self._cuda_peak("cuda_prefill_max_allocated")
+        self._cuda_peak_start()
         self.stats.prefill_s.append(prefill_s)
         self.stats.prefill_tokens += sum(len(prompts[p]) for p in unique)
+        batch = running + len(admitted)
+        rows = [_Row(order, p, s, len(prompts[p]), prefill_s, batch) for order, (p, s) in admitted]
+        return cache, logits, rows
 
-        alive = list(range(len(rows)))  # batch slot -> index into rows
-        n_seen = torch.tensor([len(prompts[p]) for p, _ in rows], device=self.device)
-        generated: list[list[int]] = [[] for _ in rows]
-        nll = [0.0] * len(rows)
-        done: list[SampleResult] = []
-        bytes_per_entry = cache.bytes_per_entry()
-        dense_per_token = self.num_layers * self.num_kv_heads
-
-        self._cuda_peak_start()
-        t_decode = time.perf_counter()
-        for step in range(steps):
-            if targets is None:
-                next_tokens = sample_next(logits, settings, self._generator).tolist()
-            else:
-                next_tokens = [targets[rows[row][0]][step] for row in alive]
-                chosen = torch.tensor(next_tokens, device=self.device)[:, None]
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
-                for slot, row in enumerate(alive):  # tokens the method inserts are fed, not scored
-                    if next_tokens[slot] not in self.method.hidden_token_ids:
-                        nll[row] -= logprobs[slot]
-            keep_slots = []
-            for slot, row in enumerate(alive):
-                token = next_tokens[slot]
-                reason = None
-                if targets is not None:
-                    generated[row].append(token)
-                    if len(generated[row]) == len(targets[rows[row][0]]):
-                        reason = "target"
-                elif token in self.eos_ids:
-                    reason = "eos"
+    def _decode_rows(self, rows: list[tuple[int, int]], prompts, targets, finished: Callable[[SampleResult], None]):
+        settings = self.settings
+        pending = deque(enumerate(rows))
+        active: list[_Row] = []  # batch slot -> row
+        cache, logits = None, None
+        while pending or active:
+            start = time.perf_counter()
+            room = settings.batch_size - len(active)
+            if pending and room and (settings.continuous_batching or not active):
+                admitted = [pending.popleft() for _ in range(min(room, len(pending)))]
+                new_cache, new_logits, new_rows = self._admit(admitted, prompts, len(active))
+                if cache is None:
+                    cache, logits = new_cache, new_logits
+                else:  # newcomers join the running rows
+                    cache.append_rows(new_cache, self.method.entry_state)
+                    logits = torch.cat([logits, new_logits])
+                    self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.allocated_bytes())
+                active += new_rows
+            t_decode = time.perf_counter()
+            keep = self._step(cache, logits, active, prompts, targets, finished)
+            if len(keep) != len(active):  # finished rows leave the batch; their cache is freed
+                active = [active[slot] for slot in keep]
+                if active:
+                    cache.select_rows(torch.tensor(keep, device=self.device))
+                    cache.drop_leading_padding(self.method.entry_state)
                 else:
-                    generated[row].append(token)
-                    if self._hit_stop(prompts[rows[row][0]], generated[row]):
-                        reason = "stop"
-                    elif step + 1 == settings.max_new_tokens:
-                        reason = "length"
-                if reason is None:
-                    keep_slots.append(slot)
-                    continue
-                entries = int(cache.entries_per_row()[slot])
-                peak = int(cache.peak_entries[slot])
-                dense_entries = dense_per_token * int(n_seen[slot])
-                prompt_index, sample_index = rows[row]
-                done.append(
-                    SampleResult(
-                        prompt_index=prompt_index,
-                        sample_index=sample_index,
-                        prompt_token_ids=list(prompts[prompt_index]),
-                        token_ids=generated[row],
-                        text=self._finish_text(prompts[prompt_index], generated[row]),
-                        finish_reason=reason,
-                        kv=KVRecord(
-                            entries_final=entries,
-                            bytes_final=entries * bytes_per_entry,
-                            entries_peak=peak,
-                            bytes_peak=peak * bytes_per_entry,
-                            dense_entries_final=dense_entries,
-                            dense_bytes_final=dense_entries * bytes_per_entry,
-                            dense_bytes_peak=dense_entries * bytes_per_entry,
-                        ),
-                        prefill_s=prefill_s,
-                        batch_size=len(rows),
-                        nll=None if targets is None else nll[row],
-                    )
-                )
-            self.stats.generated_tokens += sum(
-                1 for s in range(len(alive)) if targets is not None or next_tokens[s] not in self.eos_ids
-            )
-            if not keep_slots:
-                break
-            if len(keep_slots) != len(alive):  # finished rows leave the batch; their cache is freed
-                index = torch.tensor(keep_slots, device=self.device)
-                cache.select_rows(index)
-                n_seen = n_seen[index]
-                alive = [alive[s] for s in keep_slots]
-            feed = torch.tensor([[generated[row][-1]] for row in alive], device=self.device)
-            logits = self._forward(cache, feed, n_seen[:, None], "decode")
-            n_seen = n_seen + 1
-            self.stats.decode_tokens += len(alive)
-        self._sync()
-        self.stats.decode_s += time.perf_counter() - t_decode
+                    cache = None
+            if active:
+                feed = torch.tensor([[row.tokens[-1]] for row in active], device=self.device)
+                positions = torch.tensor([[row.seen] for row in active], device=self.device)
+                logits = self._forward(cache, feed, positions, "decode")
+                for row in active:
+                    row.seen += 1
+                self.stats.decode_tokens += len(active)
+            self._sync()
+            self.stats.decode_s += time.perf_counter() - t_decode
+            self.stats.wall_s += time.perf_counter() - start  # per step, so stats stay whole if stopped
         self._cuda_peak("cuda_decode_max_allocated")
-        done.sort(key=lambda r: rows.index((r.prompt_index, r.sample_index)))
-        return done
+
+    def _step(self, cache: KVCache, logits, active: list[_Row], prompts, targets, finished) -> list[int]:
+        """Choose every active row's next token; report the rows that finished; the slots that go on."""
+        if targets is None:
+            next_tokens = sample_next(logits, self.settings, self._generator).tolist()
+        else:
+            next_tokens = [targets[row.prompt][row.steps] for row in active]
+            chosen = torch.tensor(next_tokens, device=self.device)[:, None]
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
+            for slot, row in enumerate(active):  # tokens the method inserts are fed, not scored
+                if next_tokens[slot] not in self.method.hidden_token_ids:
+                    row.nll -= logprobs[slot]
+        keep, entries = [], None
+        for slot, row in enumerate(active):
+            token = next_tokens[slot]
+            row.steps += 1
+            reason = None
+            if targets is not None:
+                row.tokens.append(token)
+                if len(row.tokens) == len(targets[row.prompt]):
+                    reason = "target"
+            elif token in self.eos_ids:
+                reason = "eos"
+            else:
+                row.tokens.append(token)
+                if self._hit_stop(prompts[row.prompt], row.tokens):
+                    reason = "stop"
+                elif row.steps == self.settings.max_new_tokens:
+                    reason = "length"
+            if targets is not None or reason != "eos":
+                self.stats.generated_tokens += 1
+            if reason is None:
+                keep.append(slot)
+                continue
+            if entries is None:
+                entries = cache.entries_per_row().tolist()
+            finished(self._result(row, reason, entries[slot], int(cache.peak_entries[slot]), cache, prompts, targets))
+        return keep
+
+    def _result(self, row: _Row, reason: str, entries: int, peak: int, cache: KVCache, prompts, targets):
+        per_entry = cache.bytes_per_entry()
+        dense = self.num_layers * self.num_kv_heads * row.seen
+        prompt = prompts[row.prompt]
+        return SampleResult(
+            prompt_index=row.prompt,
+            sample_index=row.sample,
+            prompt_token_ids=list(prompt),
+            token_ids=row.tokens,
+            text=self._finish_text(prompt, row.tokens),
+            finish_reason=reason,
+            kv=KVRecord(
+                entries_final=entries,
+                bytes_final=entries * per_entry,
+                entries_peak=peak,
+                bytes_peak=peak * per_entry,
+                dense_entries_final=dense,
+                dense_bytes_final=dense * per_entry,
+                dense_bytes_peak=dense * per_entry,
+            ),
+            prefill_s=row.prefill_s,
+            batch_size=row.batch_size,
+            nll=None if targets is None else row.nll,
+        )
+
+
+@dataclass
+class _Row:
+    """One (prompt, sample) being decoded."""
+
+    order: int  # in the rows asked for
+    prompt: int
+    sample: int
+    seen: int  # tokens fed so far: the prompt, then every generated token but the last
+    prefill_s: float  # of the prefill it joined with
+    batch_size: int  # rows decoding when it joined
+    tokens: list[int] = field(default_factory=list)
+    steps: int = 0  # tokens chosen
+    nll: float = 0.0  # teacher-forced

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels that take no loss (padding)
 OPEN_SEGMENT, KEY_SEGMENT, KEY_ANCHOR, STEP = "anchor/open", "anchor/key_seg", "anchor/key_anchor", "anchor/step"
-STORE = "/store"  # suffix: the allocation (with free slots) of which KEY_SEGMENT / KEY_ANCHOR are views
+STORE = "/store"  # suffix: the allocation (with free slots) of which KEY_SEGMENT / KEY_ANCHOR are leading views
 SINK = "anchor/sink"  # [B] per row: positions below it are kept and seen by all (sinks, or the whole prompt)
 
 
@@ -105,6 +105,7 @@ class AnchorMethod(KVMethod):
 
     name: ClassVar[str] = "anchor_base"
     trained: ClassVar[bool] = True
+    entry_state: ClassVar[tuple[str, ...]] = (KEY_SEGMENT, KEY_ANCHOR)
 
     sink_tokens: int = 0  # first N positions always visible and never evicted (0 = AnLLM: BOS is dropped)
     anchors_see_anchors: bool = False  # an anchor also sees earlier anchors (AnLLM: no)
@@ -231,10 +232,13 @@ class AnchorMethod(KVMethod):
         q_seg = segment_ids(q_anchor, open_seg)
         state[OPEN_SEGMENT] = open_seg + q_anchor.sum(-1)
         for key, new in ((KEY_SEGMENT, q_seg), (KEY_ANCHOR, q_anchor)):  # appended in place, like the cache
-            if key in state:
-                state[key + STORE], state[key] = append_along(state[key + STORE], state[key], new, -1)
-            else:
-                state[key + STORE] = state[key] = new
+            if key not in state:
+                state[key] = state[key + STORE] = new
+                continue
+            held, store = state[key], state.get(key + STORE)
+            if store is None or store.data_ptr() != held.data_ptr() or store.stride() != held.stride():
+                store = held  # the entries were rearranged (pruned, rows joined or left): a new allocation
+            state[key + STORE], state[key] = append_along(store, held, new, -1)
         # not a tensor, so select_rows leaves it alone; it is rebuilt every step
         state[STEP] = {"seg": q_seg, "anchor": q_anchor, "fed_anchor": bool(q_anchor.any()), "mask": None}
 
@@ -273,10 +277,8 @@ class AnchorMethod(KVMethod):
         index = order.masked_fill(filler, -1)
         cache.keep_all(index)
         safe = index.clamp(min=0)
-        state[KEY_SEGMENT] = state[KEY_SEGMENT + STORE] = torch.gather(state[KEY_SEGMENT], -1, safe).masked_fill(
-            filler, -1
-        )
-        state[KEY_ANCHOR] = state[KEY_ANCHOR + STORE] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
+        state[KEY_SEGMENT] = torch.gather(state[KEY_SEGMENT], -1, safe).masked_fill(filler, -1)
+        state[KEY_ANCHOR] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
 
 
 def document_mask(visible: torch.Tensor | bool, real: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:

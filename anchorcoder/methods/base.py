@@ -50,6 +50,9 @@ class KVMethod:
     trained: ClassVar[bool] = False  # whether the method needs fine-tuning to keep quality
     handles_padding: ClassVar[bool] = True  # False: left-padded batches are refused (batch_size must be 1)
     chunked_prefill: ClassVar[bool] = True  # False: generation.prefill_chunk is refused (one prefill forward)
+    # keys of cache.method_state holding one value per cached entry ([B, S], aligned with the shared
+    # positions): the cache pads and trims them with its entries when rows join or leave a batch
+    entry_state: ClassVar[tuple[str, ...]] = ()
     hidden_token_ids: ClassVar[frozenset[int]] = frozenset()  # set per instance by prepare()
 
     def prepare(self, model, tokenizer) -> None:
