@@ -72,10 +72,9 @@ def take_entries(x: torch.Tensor, index: torch.Tensor, room: int = 0) -> torch.T
     else:
         sb, sh, ss = (s // dim for s in strides[:3])
         rows = x.as_strided((1 + ((batch - 1) * sb + (heads - 1) * sh + (x.shape[2] - 1) * ss), dim), (dim, 1))
-        base = (torch.arange(batch, device=x.device) * sb)[:, None, None] + (torch.arange(heads, device=x.device) * sh)[
-            None, :, None
-        ]
-        out = rows.index_select(0, (base + index * ss).reshape(-1)).view(batch, heads, -1, dim)
+        batch_rows = torch.arange(batch, device=x.device)[:, None, None] * sb
+        head_rows = torch.arange(heads, device=x.device)[None, :, None] * sh
+        out = rows.index_select(0, (batch_rows + head_rows + index * ss).reshape(-1)).view(batch, heads, -1, dim)
     return out
 
 
@@ -104,7 +103,7 @@ class KVCache:
         self.method_state: dict = {}  # per-batch state a method keeps between steps
         self._memo: dict = {}  # per-step memo (masks), keyed by positions-tensor identity
         # what a method derives from the entries held (e.g. gathered anchors), kept across steps until
-        # the entries move: cleared by keep, keep_all and select_rows
+        # the entries move: cleared by every method of this class that rearranges them
         self.layout_memo: dict = {}
 
     # ------------------------------------------------------------------ feeding tokens

@@ -338,10 +338,10 @@ class GenerationEngine:
         cut = min((i for i in (text.find(s) for s in self.settings.stop) if i >= 0), default=len(text))
         return text[:cut]
 
-    def _admit(self, admitted: list[tuple[int, tuple[int, int]]], prompts: list[list[int]], running: int):
-        """Prefill the rows ``admitted`` (order, (prompt, sample)) together: a new cache, the logits of
-        their first token and their :class:`_Row` records."""
-        unique = list(dict.fromkeys(p for _, (p, _) in admitted))
+    def _admit(self, admitted: list[tuple[int, int]], prompts: list[list[int]], running: int):
+        """Prefill the rows ``admitted`` (prompt, sample) together: a new cache, the logits of their
+        first token and their :class:`_Row` records."""
+        unique = list(dict.fromkeys(p for p, _ in admitted))
         for p in unique:
             if not prompts[p]:
                 raise ConfigError(f"prompt {p} is empty after tokenisation")
@@ -353,7 +353,7 @@ class GenerationEngine:
         t0 = time.perf_counter()
         logits = self._prefill(cache, input_ids, positions)
         if len(unique) != len(admitted):  # one prefill per prompt, repeated for its samples
-            expand = torch.tensor([unique.index(p) for _, (p, _) in admitted], device=self.device)
+            expand = torch.tensor([unique.index(p) for p, _ in admitted], device=self.device)
             cache.select_rows(expand)
             self.stats.kv_tensor_bytes_peak = max(self.stats.kv_tensor_bytes_peak, cache.allocated_bytes())
             logits = logits[expand]
@@ -364,12 +364,12 @@ class GenerationEngine:
         self.stats.prefill_s.append(prefill_s)
         self.stats.prefill_tokens += sum(len(prompts[p]) for p in unique)
         batch = running + len(admitted)
-        rows = [_Row(order, p, s, len(prompts[p]), prefill_s, batch) for order, (p, s) in admitted]
+        rows = [_Row(p, s, len(prompts[p]), prefill_s, batch) for p, s in admitted]
         return cache, logits, rows
 
     def _decode_rows(self, rows: list[tuple[int, int]], prompts, targets, finished: Callable[[SampleResult], None]):
         settings = self.settings
-        pending = deque(enumerate(rows))
+        pending = deque(rows)
         active: list[_Row] = []  # batch slot -> row
         cache, logits = None, None
         while pending or active:
@@ -474,7 +474,6 @@ class GenerationEngine:
 class _Row:
     """One (prompt, sample) being decoded."""
 
-    order: int  # in the rows asked for
     prompt: int
     sample: int
     seen: int  # tokens fed so far: the prompt, then every generated token but the last
