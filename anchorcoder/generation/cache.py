@@ -156,6 +156,13 @@ class KVCache:
         stores = [take_entries(t, index, self.growth) for t in (self.keys[layer_idx], self.values[layer_idx])]
         self._set_layer(layer_idx, *(t.narrow(2, 0, length) for t in stores), *stores)
 
+    def _reset_position_stores(self) -> None:
+        """After positions were replaced: a layer with its own positions holds them exactly (no free
+        slots); layers sharing the shared positions have no store of their own."""
+        for layer in range(self.num_layers):
+            own = self.positions[layer] is not self._shared_after
+            self._position_store[layer] = self.positions[layer] if own else None
+
     # ------------------------------------------------------------------ pruning
     def keep(self, layer_idx: int, index: torch.Tensor) -> None:
         """Keep only the entries at ``index`` (``[B, S']`` for all heads, or ``[B, H_kv, S']``)."""
@@ -213,8 +220,7 @@ class KVCache:
             if self.keys[layer] is not None:
                 self._set_layer(layer, pick(self.keys[layer]), pick(self.values[layer]))
             self.positions[layer] = pick(self.positions[layer])
-            own = self.positions[layer] is not self._shared_after
-            self._position_store[layer] = self.positions[layer] if own else None
+        self._reset_position_stores()
         self._shared_before = pick(self._shared_before)
         self.step_positions = pick(self.step_positions)
         self.peak_entries = pick(self.peak_entries)
@@ -252,9 +258,7 @@ class KVCache:
         self._shared_after = self._shared_store = (
             join(self._shared_after, other._shared_after, PAD_POSITION) if shared else None
         )
-        for layer in range(self.num_layers):
-            own = self.positions[layer] is not self._shared_after
-            self._position_store[layer] = self.positions[layer] if own else None
+        self._reset_position_stores()
         self._shared_before = self.step_positions = None
         self.peak_entries = torch.cat([self.peak_entries, other.peak_entries])
         for key in set(self.method_state) | set(other.method_state):
@@ -295,9 +299,7 @@ class KVCache:
             self._shared_after = self._shared_store = cut[id(shared)]
             for key in entry_state:
                 self.method_state[key] = self.method_state[key][:, trimmed[id(shared)] :].contiguous()
-        for layer in range(self.num_layers):
-            own = self.positions[layer] is not self._shared_after
-            self._position_store[layer] = self.positions[layer] if own else None
+        self._reset_position_stores()
         self.prunes += 1
         self._memo.clear()
         self.layout_memo.clear()
