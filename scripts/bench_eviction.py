@@ -25,8 +25,8 @@ by running one method per process (``--methods``), as the long-context example d
     python scripts/bench_eviction.py                                  # SmolLM2, contexts 512, 2k, 8k
     .venv-kvpress/bin/python scripts/bench_eviction.py                # the same, KnormPress included
     python scripts/bench_eviction.py --contexts 512 --rounds 1 model=tiny-llama
-    python scripts/bench_eviction.py --source needle --contexts 32768,65536 --rounds 1 \
-        --methods dense,anchorcoder model=tiny-llama                 # long context: peak RSS
+    python scripts/bench_eviction.py --source needle --contexts 65536 --rounds 1 \
+        --methods anchorcoder --new-tokens 16 model=tiny-llama       # long context: one method per process
 
 The context is real code (HumanEval prompts + canonical solutions, repeated), cut to the length, or
 with ``--source needle`` a ``code_needle`` module of that length. The 8k context is 8192 - new tokens,
