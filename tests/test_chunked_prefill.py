@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from anchorcoder.generation import GenerationEngine, GenerationSettings
+from anchorcoder.generation import GenerationEngine, attention, GenerationSettings
+from anchorcoder.generation.attention import repeat_kv_heads
 from anchorcoder.generation.engine import incremental_logits
 from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import masked_forward
@@ -146,3 +148,59 @@ def test_bad_chunk_and_methods_that_cannot_chunk_are_refused(tiny):
 
     with pytest.raises(ConfigError, match="generation.prefill_chunk=null"):
         GenerationEngine(tiny.model, tiny.tokenizer, OneShot(), GenerationSettings(prefill_chunk=32))
+
+
+@pytest.mark.parametrize("mask_heads", [1, 2, 4], ids=lambda h: f"mask heads {h}")
+def test_key_blocked_attention_equals_sdpa(mask_heads):
+    """The online softmax over key blocks gives SDPA's output for every mask layout, fp64 to 1e-12
+    (blocks of 64 over 300 keys; rows whose first blocks are all hidden included)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, dtype=torch.float64, generator=gen) for h, n in ((4, 37), (2, 300), (2, 300)))
+    mask = torch.rand(2, mask_heads, 37, 300, generator=gen) > 0.6
+    mask[..., :130] &= torch.rand(2, mask_heads, 37, 1, generator=gen) > 0.5  # some rows see nothing before 130
+    mask[..., 299] = True
+    full = mask if mask_heads != 2 else repeat_kv_heads(mask, 2)
+    reference = F.scaled_dot_product_attention(q, repeat_kv_heads(k, 2), repeat_kv_heads(v, 2), attn_mask=full)
+    ours = attention.key_blocked_attention(q, k, v, mask, None, block=64)
+    assert (ours - reference.transpose(1, 2)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["dense", "TAA+LAA+MHPE", "anllm AC"])
+def test_chunks_over_a_long_cache_attend_by_key_blocks_exactly(tiny, monkeypatch, variant):
+    """With the key-blocked path switched on from 16 keys (blocks of 8), chunked prefill still equals
+    the masked forward (and the one-shot logits for dense)."""
+    if variant == "dense":
+        method, model = build_method({"name": "dense"}), tiny.model
+        ids = torch.randint(100, 1000, (1, PROMPT + NEW), generator=torch.Generator().manual_seed(1))
+    else:
+        method, model, _, ids = anchor_method(tiny, variant)
+    calls = []
+    blocked = attention.key_blocked_attention
+    monkeypatch.setattr(attention, "KEY_BLOCKED_FROM", 16)
+    monkeypatch.setattr(attention, "key_blocked_attention", lambda *a, **kw: calls.append(1) or blocked(*a, block=8))
+    with torch.inference_mode():
+        reference = masked_forward(model, method, ids, prompt_lengths=[PROMPT] * ids.shape[0]).logits
+    ours = incremental_logits(model, method, ids, schedule(7), prompt=PROMPT)
+    assert calls, "the key-blocked path was not taken"
+    assert (ours - reference).abs().max().item() < 1e-4
+
+
+def test_left_padded_chunks_by_key_blocks_give_the_one_shot_results(tiny, humaneval_prompts, monkeypatch):
+    """Padding rows and per-row lengths through the key-blocked path: greedy tokens and KV held as
+    one-shot prefill (anchorcoder with LAA and MHPE, blocks of 4 keys from 8)."""
+    method = build_method({"name": "anchorcoder", "mhpe": True})
+    method.prepare(tiny.model, tiny.tokenizer)
+    prompts = [tiny.tokenizer(p).input_ids[:n] for p, n in zip(humaneval_prompts[:3], (70, 23, 51), strict=True)]
+
+    def run(chunk):
+        settings = GenerationSettings(max_new_tokens=12, batch_size=3, stop_at_eos=False, prefill_chunk=chunk)
+        return GenerationEngine(tiny.model, tiny.tokenizer, method, settings).generate(prompts)
+
+    one_shot, calls = run(None), []
+    blocked = attention.key_blocked_attention
+    monkeypatch.setattr(attention, "KEY_BLOCKED_FROM", 8)
+    monkeypatch.setattr(attention, "key_blocked_attention", lambda *a, **kw: calls.append(1) or blocked(*a, block=4))
+    chunked = run(7)
+    assert calls, "the key-blocked path was not taken"
+    assert [r.token_ids for r in chunked] == [r.token_ids for r in one_shot]
+    assert [r.kv.entries_final for r in chunked] == [r.kv.entries_final for r in one_shot]

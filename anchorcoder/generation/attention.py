@@ -9,8 +9,10 @@ the selected kernel (``sdpa`` or ``eager``). The engine switches a model to it o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -55,6 +57,84 @@ def packed_decode_attention(module, query, key, value, attention_mask, scaling, 
     )
     # reshape, not view: some SDPA kernels (CUDA memory-efficient) return [B, G, H_kv, D] transposed
     return out.reshape(batch, 1, heads, dim), None
+
+
+KEY_BLOCK = 512  # keys per block of key_blocked_attention
+KEY_BLOCKED_FROM = 4096  # a prefill chunk after the first, over more cached keys than this, goes by key blocks
+EXP_FLOOR = -80.0  # exp(x - max) is taken at >= this: e^-80 ~ 1e-35, while subnormal results make exp ~30x slower
+
+
+@dataclass(frozen=True)
+class KeyBlocks:
+    """A boolean mask ``[B, 1|H, Q, S]`` never held whole: ``build(start, end)`` gives its columns for
+    keys ``start:end``. What :func:`key_blocked_attention` takes over a long cache, so that the mask,
+    like the scores, costs ``Q x block`` at a time (the rules it comes from are per-key vectors)."""
+
+    shape: tuple[int, ...]
+    build: Callable[[int, int], torch.Tensor]
+
+    @staticmethod
+    def of(mask: torch.Tensor | KeyBlocks) -> KeyBlocks:
+        if isinstance(mask, KeyBlocks):
+            return mask
+        return KeyBlocks(tuple(mask.shape), lambda start, end: mask[..., start:end])
+
+    def after(self, prefix: torch.Tensor | KeyBlocks) -> KeyBlocks:
+        """``prefix``'s keys, then these (e.g. extra keys a method puts before the cache's)."""
+        first = KeyBlocks.of(prefix)
+        split = first.shape[-1]
+
+        def build(start: int, end: int) -> torch.Tensor:
+            parts = []
+            if start < split:
+                parts.append(first.build(start, min(end, split)))
+            if end > split:
+                parts.append(self.build(max(start, split) - split, end - split))
+            if len(parts) == 1:
+                return parts[0]
+            shape = torch.broadcast_shapes(parts[0].shape[:-1], parts[1].shape[:-1])
+            return torch.cat([p.expand(*shape, p.shape[-1]) for p in parts], dim=-1)
+
+        heads = self.shape[1] if first.shape[1] == 1 else first.shape[1]
+        return KeyBlocks((*self.shape[:1], heads, *self.shape[2:-1], split + self.shape[-1]), build)
+
+
+def key_blocked_attention(query, key, value, mask, scaling, block: int = KEY_BLOCK):
+    """Softmax attention over the keys in blocks of ``block``, with a running maximum and sum per
+    query (FlashAttention's online softmax), so a prefill chunk of ``Q`` queries over ``S`` cached
+    keys never holds its ``[B, H, Q, S]`` scores, nor the float copy of the boolean mask that SDPA
+    makes: the working set is ``Q x block`` per head, whatever the cache's length. Grouped-query
+    heads attend in groups, without repeating K/V; bf16/fp16 accumulate in fp32. ``mask``: boolean
+    ``[B, 1|H_kv|H, Q, S]``, True = visible, or :class:`KeyBlocks` of that shape. Returns
+    ``[B, Q, H, D]``, as the kernels do.
+    """
+    mask = KeyBlocks.of(mask)
+    batch, heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.reshape(batch, kv_heads, groups, q_len, dim).to(dtype) * (scaling or dim**-0.5)
+    # [B, H_kv, groups, Q, keys] when per query head, else [B, 1|H_kv, 1, Q, keys]
+    layout = (kv_heads, groups) if mask.shape[1] == heads else (mask.shape[1], 1)
+    lowest = torch.finfo(dtype).min
+    best = torch.full((batch, kv_heads, groups, q_len, 1), lowest, dtype=dtype, device=query.device)
+    total = torch.zeros_like(best)
+    out = torch.zeros(batch, kv_heads, groups, q_len, value.shape[-1], dtype=dtype, device=query.device)
+    for start in range(0, length, block):
+        k = key[:, :, None, start : start + block].to(dtype)
+        v = value[:, :, None, start : start + block].to(dtype)
+        visible = mask.build(start, min(start + block, length))
+        hidden = visible.reshape(visible.shape[0], *layout, q_len, -1).logical_not()
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=query.device).masked_fill_(hidden, lowest)
+        scores = (q @ k.transpose(-1, -2)).add_(bias)
+        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+        rescale = torch.exp(best - new_best)
+        weights = scores.sub_(new_best).clamp_(min=EXP_FLOOR).exp_()
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        out = out * rescale + weights @ v
+        best = new_best
+    out = (out / total).to(query.dtype).reshape(batch, heads, q_len, -1)
+    return out.transpose(1, 2).contiguous()
 
 
 TRAINING_CHUNK = 512  # query rows per block in a full-sequence masked forward
@@ -127,21 +207,44 @@ def _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_met
         return kernel(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     layer = module.layer_idx
     q_len, kv_len = query.shape[2], key.shape[2]
-    extra = kv_method.visibility(kv_cache, layer) if kv_method is not None else None
+    by_blocks = 1 < q_len < kv_len and kv_len > KEY_BLOCKED_FROM and kernel is sdpa_attention_forward
+    if by_blocks:  # a chunk over a long cache: mask and scores a block of keys at a time
+        mask = _key_blocks(kv_cache, kv_method, layer, q_len, kv_len)
+        extra = None
+    else:
+        extra = kv_method.visibility(kv_cache, layer) if kv_method is not None else None
     plain_causal = not kv_cache.has_padding and extra is None and (q_len == 1 or q_len == kv_len)
-    if plain_causal and (kernel is sdpa_attention_forward or q_len == 1):
+    if by_blocks:
+        pass
+    elif plain_causal and (kernel is sdpa_attention_forward or q_len == 1):
         mask = None  # sdpa: is_causal when q_len > 1; one query sees every cached entry
     else:
         mask = kv_cache.base_mask(layer)
         if extra is not None:
-            mask = mask & extra
+            mask = kv_cache.step_memo(("visible", mask, extra), lambda: mask & extra)
     if kv_method is not None and kv_method.reshapes_attention:
         query, key, value, mask = kv_method.adapt_attention(module, query, key, value, mask, kv_cache)
     if kernel is sdpa_attention_forward and q_len == 1 and query.shape[1] > key.shape[1]:
         return packed_decode_attention(module, query, key, value, mask, kwargs.get("scaling"), dropout)
+    if by_blocks:
+        return key_blocked_attention(query, key, value, mask, kwargs.get("scaling")), None
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per-KV-head mask -> per query head
         mask = repeat_kv_heads(mask, query.shape[1] // mask.shape[1])
     return kernel(module, query, key, value, mask, dropout=dropout, **kwargs)
+
+
+def _key_blocks(kv_cache, kv_method, layer: int, q_len: int, kv_len: int) -> KeyBlocks:
+    """The cache's mask and the method's visibility, built a block of keys at a time."""
+    batch = kv_cache.step_positions.shape[0]
+    heads = kv_cache.positions[layer].shape[1] if kv_cache.positions[layer].dim() == 3 else 1
+
+    def build(start: int, end: int) -> torch.Tensor:
+        keys = slice(start, end)
+        mask = kv_cache.base_mask(layer, keys)
+        extra = kv_method.visibility(kv_cache, layer, keys) if kv_method is not None else None
+        return mask if extra is None else mask & extra
+
+    return KeyBlocks((batch, heads, q_len, kv_len), build)
 
 
 AttentionInterface.register(ATTENTION_NAME, cached_attention)

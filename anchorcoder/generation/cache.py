@@ -356,23 +356,35 @@ class KVCache:
         return 0 if keys is None else keys.shape[-2]
 
     # ------------------------------------------------------------------ visibility
-    def base_mask(self, layer_idx: int) -> torch.Tensor:
-        """Boolean ``[B, 1|H_kv, Q, S]`` mask: causal by absolute position, padding hidden.
+    def step_memo(self, key: tuple, build):
+        """``build()``, computed once per step for ``key``: a tuple of a name and the tensors it is
+        derived from (compared by identity, so e.g. layers sharing one mask share the result)."""
+        name, *sources = key
+        found = self._memo.get(name)
+        if found is None or len(found[0]) != len(sources) or any(a is not b for a, b in zip(found[0], sources)):
+            found = self._memo[name] = (sources, build())
+        return found[1]
+
+    def base_mask(self, layer_idx: int, keys: slice | None = None) -> torch.Tensor:
+        """Boolean ``[B, 1|H_kv, Q, S]`` mask: causal by absolute position, padding hidden; ``keys``:
+        only those columns (not memoised).
 
         Padding queries see only padding keys, so no row is empty (an empty row gives NaN in SDPA).
         """
         kpos = self.positions[layer_idx]
+        if keys is not None:
+            return self._causal_mask(kpos[..., keys])
         memo_key = ("base", id(kpos))
         if memo_key not in self._memo:
-            qpos = self.step_positions
-            if kpos.dim() == 3:
-                qpos = qpos[:, None, :]
-            else:
-                kpos = kpos[:, None, :]
-                qpos = qpos[:, None, :]
-            q, k = qpos[..., :, None], kpos[..., None, :]
-            allowed = (k <= q) & (k >= 0)
-            if self.has_padding:
-                allowed = allowed | ((q < 0) & (k < 0))
-            self._memo[memo_key] = allowed
+            self._memo[memo_key] = self._causal_mask(kpos)
         return self._memo[memo_key]
+
+    def _causal_mask(self, kpos: torch.Tensor) -> torch.Tensor:
+        qpos = self.step_positions[:, None, :]
+        if kpos.dim() == 2:
+            kpos = kpos[:, None, :]
+        q, k = qpos[..., :, None], kpos[..., None, :]
+        allowed = (k <= q) & (k >= 0)
+        if self.has_padding:
+            allowed |= (q < 0) & (k < 0)
+        return allowed

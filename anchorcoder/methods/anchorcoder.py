@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from anchorcoder.generation.attention import KeyBlocks
 from anchorcoder.generation.cache import take_entries
 from anchorcoder.methods.anchors import (
     KEY_ANCHOR,
@@ -178,10 +179,12 @@ class AnchorCoder(AnchorMethod):
         value = torch.cat([extra_value, value], dim=2)
         if mask is None and all_visible and query.shape[2] == 1:
             return query, key, value, None  # one query that sees every cached entry and every source anchor
+        if isinstance(mask, KeyBlocks):  # a chunk over a long cache: the source anchors' columns come first
+            return query, key, value, mask.after(visible)
         if mask is None:
             mask = view.base_mask(layer)
         memo = view.memo.get("laa/mask")
-        if memo is None or memo[0] is not mask:  # hits in training (one mask for all layers), not in the engine
+        if memo is None or memo[0] is not mask:  # hits when the layers share one mask
             extra = visible.expand(mask.shape[0], mask.shape[1], -1, -1)
             memo = view.memo["laa/mask"] = (mask, torch.cat([extra, mask], dim=-1))
         return query, key, value, memo[1]

@@ -71,17 +71,18 @@ def real_tokens(
 def earlier_anchors(q_seg, q_anchor, k_seg, k_anchor, anchors_see_anchors: bool = False) -> torch.Tensor:
     """Keys that are anchors of earlier segments, where the query may see them: non-anchor queries
     (every query with ``anchors_see_anchors``). Broadcasts like :func:`anchor_rule`."""
-    visible = k_anchor & (k_seg < q_seg)
-    return visible if anchors_see_anchors else visible & ~q_anchor
+    visible = torch.logical_and(k_anchor, k_seg < q_seg)
+    return visible if anchors_see_anchors else visible.logical_and_(~q_anchor)
 
 
 def anchor_rule(q_seg, q_anchor, k_seg, k_anchor, k_pos, sink=0, anchors_see_anchors: bool = False):
     """Who may see whom, causality and padding aside; arguments broadcast (queries ``[..., Q, 1]``,
     keys ``[..., 1, S]``). ``sink``: positions below it are visible to all (an int, or a tensor that
     broadcasts against ``k_pos``, e.g. per-row prompt lengths)."""
-    visible = (q_seg == k_seg) | earlier_anchors(q_seg, q_anchor, k_seg, k_anchor, anchors_see_anchors)
+    visible = earlier_anchors(q_seg, q_anchor, k_seg, k_anchor, anchors_see_anchors)  # full shape: ors in place
+    visible |= q_seg == k_seg
     if isinstance(sink, torch.Tensor) or sink:
-        visible = visible | ((k_pos >= 0) & (k_pos < sink))
+        visible |= (k_pos >= 0) & (k_pos < sink)
     return visible
 
 
@@ -242,23 +243,29 @@ class AnchorMethod(KVMethod):
         # not a tensor, so select_rows leaves it alone; it is rebuilt every step
         state[STEP] = {"seg": q_seg, "anchor": q_anchor, "fed_anchor": bool(q_anchor.any()), "mask": None}
 
-    def visibility(self, cache: KVCache, layer_idx: int) -> torch.Tensor | None:
+    def visibility(self, cache: KVCache, layer_idx: int, keys: slice | None = None) -> torch.Tensor | None:
         step = cache.method_state[STEP]
         if not step["fed_anchor"]:
             return None  # the pruned cache holds earlier anchors, the open segment and sinks: all visible
+        if keys is not None:
+            return self._rule_mask(cache, layer_idx, keys)
         if step["mask"] is None:  # the same for every layer: they hold the same entries
-            state = cache.method_state
-            k_pos = cache.positions[layer_idx]
-            if k_pos.shape != state[KEY_SEGMENT].shape:
-                raise RuntimeError(f"method={self.name}: the cache and the anchor bookkeeping disagree")
-            q_real = cache.step_positions >= 0
-            rule = anchor_rule(
-                step["seg"][:, :, None], step["anchor"][:, :, None],
-                state[KEY_SEGMENT][:, None, :], state[KEY_ANCHOR][:, None, :], k_pos[:, None, :],
-                state[SINK][:, None, None], self.anchors_see_anchors,
-            )  # fmt: skip
-            step["mask"] = (rule | ~q_real[:, :, None] | (k_pos < 0)[:, None, :])[:, None]  # padding: the cache's rule
+            step["mask"] = self._rule_mask(cache, layer_idx, slice(None))
         return step["mask"]
+
+    def _rule_mask(self, cache: KVCache, layer_idx: int, keys: slice) -> torch.Tensor:
+        state, step = cache.method_state, cache.method_state[STEP]
+        k_pos = cache.positions[layer_idx]
+        if k_pos.shape != state[KEY_SEGMENT].shape:
+            raise RuntimeError(f"method={self.name}: the cache and the anchor bookkeeping disagree")
+        k_pos, k_seg, k_anchor = k_pos[:, keys], state[KEY_SEGMENT][:, keys], state[KEY_ANCHOR][:, keys]
+        q_real = cache.step_positions >= 0
+        rule = anchor_rule(
+            step["seg"][:, :, None], step["anchor"][:, :, None], k_seg[:, None, :], k_anchor[:, None, :],
+            k_pos[:, None, :], state[SINK][:, None, None], self.anchors_see_anchors,
+        )  # fmt: skip
+        rule |= ~q_real[:, :, None] | (k_pos < 0)[:, None, :]  # padding: the cache's rule
+        return rule[:, None]
 
     def after_step(self, cache: KVCache, step: StepInfo) -> None:
         state = cache.method_state

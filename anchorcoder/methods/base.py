@@ -65,8 +65,9 @@ class KVMethod:
     def before_step(self, cache: KVCache, step: StepInfo) -> None:
         """Called with what is about to be fed, before the forward."""
 
-    def visibility(self, cache: KVCache, layer_idx: int) -> torch.Tensor | None:
-        """Extra boolean mask ``[B, 1|H_kv, Q, S_l]`` for this layer's attention, or None."""
+    def visibility(self, cache: KVCache, layer_idx: int, keys: slice | None = None) -> torch.Tensor | None:
+        """Extra boolean mask ``[B, 1|H_kv, Q, S_l]`` for this layer's attention, or None; ``keys``:
+        only those columns (a chunk over a long cache is attended a block of keys at a time)."""
         return None
 
     def after_step(self, cache: KVCache, step: StepInfo) -> None:
