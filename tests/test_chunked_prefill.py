@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anchorcoder.generation import GenerationEngine, attention, GenerationSettings
+from anchorcoder.generation import GenerationEngine, GenerationSettings, attention
 from anchorcoder.generation.attention import repeat_kv_heads
 from anchorcoder.generation.engine import incremental_logits
 from anchorcoder.methods import build_method

@@ -361,7 +361,8 @@ class KVCache:
         derived from (compared by identity, so e.g. layers sharing one mask share the result)."""
         name, *sources = key
         found = self._memo.get(name)
-        if found is None or len(found[0]) != len(sources) or any(a is not b for a, b in zip(found[0], sources)):
+        same = found is not None and len(found[0]) == len(sources)
+        if not (same and all(a is b for a, b in zip(found[0], sources, strict=True))):
             found = self._memo[name] = (sources, build())
         return found[1]
 
