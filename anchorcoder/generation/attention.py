@@ -114,8 +114,6 @@ def key_blocked_attention(query, key, value, mask, scaling, block: int = KEY_BLO
     groups = heads // kv_heads
     dtype = torch.promote_types(query.dtype, torch.float32)
     q = query.reshape(batch, kv_heads, groups, q_len, dim).to(dtype) * (scaling or dim**-0.5)
-    # [B, H_kv, groups, Q, keys] when per query head, else [B, 1|H_kv, 1, Q, keys]
-    layout = (kv_heads, groups) if mask.shape[1] == heads else (mask.shape[1], 1)
     lowest = torch.finfo(dtype).min
     best = torch.full((batch, kv_heads, groups, q_len, 1), lowest, dtype=dtype, device=query.device)
     total = torch.zeros_like(best)
@@ -124,6 +122,8 @@ def key_blocked_attention(query, key, value, mask, scaling, block: int = KEY_BLO
         k = key[:, :, None, start : start + block].to(dtype)
         v = value[:, :, None, start : start + block].to(dtype)
         visible = mask.build(start, min(start + block, length))
+        # [B, H_kv, groups, Q, keys] when per query head, else [B, 1|H_kv, 1, Q, keys]
+        layout = (kv_heads, groups) if visible.shape[1] == heads else (visible.shape[1], 1)
         hidden = visible.reshape(visible.shape[0], *layout, q_len, -1).logical_not()
         bias = torch.zeros(hidden.shape, dtype=dtype, device=query.device).masked_fill_(hidden, lowest)
         scores = (q @ k.transpose(-1, -2)).add_(bias)
@@ -208,14 +208,10 @@ def _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_met
     layer = module.layer_idx
     q_len, kv_len = query.shape[2], key.shape[2]
     by_blocks = 1 < q_len < kv_len and kv_len > KEY_BLOCKED_FROM and kernel is sdpa_attention_forward
+    extra = None if by_blocks or kv_method is None else kv_method.visibility(kv_cache, layer)
+    plain_causal = not kv_cache.has_padding and extra is None and (q_len == 1 or q_len == kv_len)
     if by_blocks:  # a chunk over a long cache: mask and scores a block of keys at a time
         mask = _key_blocks(kv_cache, kv_method, layer, q_len, kv_len)
-        extra = None
-    else:
-        extra = kv_method.visibility(kv_cache, layer) if kv_method is not None else None
-    plain_causal = not kv_cache.has_padding and extra is None and (q_len == 1 or q_len == kv_len)
-    if by_blocks:
-        pass
     elif plain_causal and (kernel is sdpa_attention_forward or q_len == 1):
         mask = None  # sdpa: is_causal when q_len > 1; one query sees every cached entry
     else:
