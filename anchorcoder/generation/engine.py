@@ -22,7 +22,7 @@ import torch
 
 from anchorcoder.generation.attention import engine_attention
 from anchorcoder.generation.cache import PAD_POSITION, KVCache
-from anchorcoder.methods.base import KVMethod, StepInfo
+from anchorcoder.methods.base import KVMethod, StepInfo, stream_positions
 from anchorcoder.registry import ConfigError
 
 CONTEXT_TOKENS = 8  # tokens of preceding context used when decoding a continuation
@@ -188,10 +188,11 @@ def incremental_logits(
         )
     cache = KVCache(*model_kv_shape(model))
     logits, start = [], 0
+    every_position = stream_positions(input_ids, method.skip_position_ids)
     with engine_attention(model), torch.inference_mode():
         for size in chunks:
             ids = input_ids[:, start : start + size]
-            positions = torch.arange(start, start + size, device=ids.device).expand_as(ids)
+            positions = every_position[:, start : start + size]
             phase, done = ("prefill", start + size == prompt) if start < prompt else ("decode", True)
             out = forward_with_cache(model, cache, method, ids, positions, phase=phase, prompt_done=done).logits
             logits.append(out.to(torch.promote_types(out.dtype, torch.float32)))
@@ -304,7 +305,7 @@ class GenerationEngine:
         pos = torch.full((len(seqs), width), PAD_POSITION, dtype=torch.long)
         for r, s in enumerate(seqs):
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            pos[r, width - len(s) :] = torch.arange(len(s))
+            pos[r, width - len(s) :] = stream_positions(ids[r, width - len(s) :], self.method.skip_position_ids)
         return ids.to(self.device), pos.to(self.device)
 
     def _decode_continuation(self, context: list[int], tokens: list[int]) -> str:
@@ -364,7 +365,8 @@ class GenerationEngine:
         self.stats.prefill_s.append(prefill_s)
         self.stats.prefill_tokens += sum(len(prompts[p]) for p in unique)
         batch = running + len(admitted)
-        rows = [_Row(p, s, len(prompts[p]), prefill_s, batch) for p, s in admitted]
+        skips = self.method.skip_position_ids
+        rows = [_Row(p, s, sum(t not in skips for t in prompts[p]), prefill_s, batch) for p, s in admitted]
         return cache, logits, rows
 
     def _decode_rows(self, rows: list[tuple[int, int]], prompts, targets, finished: Callable[[SampleResult], None]):
@@ -395,12 +397,14 @@ class GenerationEngine:
                 else:
                     cache = None
             if active:
-                feed = torch.tensor([[row.tokens[-1]] for row in active], device=self.device)
-                positions = torch.tensor([[row.seen] for row in active], device=self.device)
-                logits = self._forward(cache, feed, positions, "decode")
-                for row in active:
-                    row.seen += 1
-                self.stats.decode_tokens += len(active)
+                skips = self.method.skip_position_ids
+                fed = [row.feed.pop(0) for row in active]  # each row's next token, inserted ones first
+                feed = torch.tensor([[token] for token in fed], device=self.device)
+                positions = [[max(row.seen - (token in skips), 0)] for row, token in zip(active, fed, strict=True)]
+                logits = self._forward(cache, feed, torch.tensor(positions, device=self.device), "decode")
+                for row, token in zip(active, fed, strict=True):
+                    row.seen += token not in skips
+                self.stats.decode_tokens += sum(token not in skips for token in fed)
             self._sync()
             self.stats.decode_s += time.perf_counter() - t_decode
             self.stats.wall_s += time.perf_counter() - start  # per step, so stats stay whole if stopped
@@ -408,6 +412,7 @@ class GenerationEngine:
 
     def _step(self, cache: KVCache, logits, active: list[_Row], prompts, targets, finished) -> list[int]:
         """Choose every active row's next token; report the rows that finished; the slots that go on."""
+        # rows still feeding tokens the method inserted choose nothing: their logits are the inserted token's
         if targets is None:
             next_tokens = sample_next(logits, self.settings, self._generator).tolist()
         else:
@@ -415,16 +420,19 @@ class GenerationEngine:
             chosen = torch.tensor(next_tokens, device=self.device)[:, None]
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
             for slot, row in enumerate(active):  # tokens the method inserts are fed, not scored
-                if next_tokens[slot] not in self.method.hidden_token_ids:
+                if not row.feed and next_tokens[slot] not in self.method.hidden_token_ids:
                     row.nll -= logprobs[slot]
         keep, entries = [], None
         for slot, row in enumerate(active):
+            if row.feed:
+                keep.append(slot)
+                continue
             token = next_tokens[slot]
             row.steps += 1
             reason = None
             if targets is not None:
                 row.tokens.append(token)
-                if len(row.tokens) == len(targets[row.prompt]):
+                if row.steps == len(targets[row.prompt]):
                     reason = "target"
             elif token in self.eos_ids:
                 reason = "eos"
@@ -437,6 +445,10 @@ class GenerationEngine:
             if targets is not None or reason != "eos":
                 self.stats.generated_tokens += 1
             if reason is None:
+                inserted = self.method.tokens_before(prompts[row.prompt], row.tokens[:-1], token)
+                if inserted:
+                    row.tokens[-1:] = [*inserted, token]
+                row.feed = [*inserted, token]
                 keep.append(slot)
                 continue
             if entries is None:
@@ -476,9 +488,10 @@ class _Row:
 
     prompt: int
     sample: int
-    seen: int  # tokens fed so far: the prompt, then every generated token but the last
+    seen: int  # tokens fed so far (the prompt, then the generated ones), skip_position_ids not counted
     prefill_s: float  # of the prefill it joined with
     batch_size: int  # rows decoding when it joined
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated, with the tokens the method inserted
+    feed: list[int] = field(default_factory=list)  # to feed, one per step: inserted tokens, then the chosen one
     steps: int = 0  # tokens chosen
     nll: float = 0.0  # teacher-forced

@@ -232,14 +232,7 @@ class AnchorMethod(KVMethod):
             open_seg = torch.zeros(q_anchor.shape[0], dtype=torch.long, device=q_anchor.device)
         q_seg = segment_ids(q_anchor, open_seg)
         state[OPEN_SEGMENT] = open_seg + q_anchor.sum(-1)
-        for key, new in ((KEY_SEGMENT, q_seg), (KEY_ANCHOR, q_anchor)):  # appended in place, like the cache
-            if key not in state:
-                state[key] = state[key + STORE] = new
-                continue
-            held, store = state[key], state.get(key + STORE)
-            if store is None or store.data_ptr() != held.data_ptr() or store.stride() != held.stride():
-                store = held  # the entries were rearranged (pruned, rows joined or left): a new allocation
-            state[key + STORE], state[key] = append_along(store, held, new, -1)
+        append_entry_state(state, {KEY_SEGMENT: q_seg, KEY_ANCHOR: q_anchor})
         # not a tensor, so select_rows leaves it alone; it is rebuilt every step
         state[STEP] = {"seg": q_seg, "anchor": q_anchor, "fed_anchor": bool(q_anchor.any()), "mask": None}
 
@@ -274,18 +267,38 @@ class AnchorMethod(KVMethod):
         k_pos = cache.positions[0]
         keep = state[KEY_ANCHOR] | (state[KEY_SEGMENT] == state[OPEN_SEGMENT][:, None])
         keep = (keep | (k_pos < state[SINK][:, None])) & (k_pos >= 0)
-        if bool(keep.all()):
-            return
-        kept = keep.sum(-1)
-        length, width = keep.shape[-1], int(kept.max())
-        # kept entries in order, right-aligned; shorter rows are left-filled with padding (-1)
-        order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, length - width :]
-        filler = torch.arange(width, device=keep.device)[None, :] < (width - kept)[:, None]
-        index = order.masked_fill(filler, -1)
-        cache.keep_all(index)
-        safe = index.clamp(min=0)
-        state[KEY_SEGMENT] = torch.gather(state[KEY_SEGMENT], -1, safe).masked_fill(filler, -1)
-        state[KEY_ANCHOR] = torch.gather(state[KEY_ANCHOR], -1, safe) & ~filler
+        keep_entries(cache, keep, self.entry_state)
+
+
+def append_entry_state(state: dict, new: dict[str, torch.Tensor]) -> None:
+    """Append this step's ``[B, Q]`` values to per-entry method state ``[B, S]``, in place like the
+    cache (each key's allocation, with free slots, is kept under ``key + STORE``)."""
+    for key, values in new.items():
+        if key not in state:
+            state[key] = state[key + STORE] = values
+            continue
+        held, store = state[key], state.get(key + STORE)
+        if store is None or store.data_ptr() != held.data_ptr() or store.stride() != held.stride():
+            store = held  # the entries were rearranged (pruned, rows joined or left): a new allocation
+        state[key + STORE], state[key] = append_along(store, held, values, -1)
+
+
+def keep_entries(cache: KVCache, keep: torch.Tensor, entry_state: tuple[str, ...]) -> None:
+    """Keep the entries where ``keep`` ``[B, S]`` is True in every layer (real deletion) and in the
+    per-entry method state; rows keep their entries in order, right-aligned, shorter rows left-filled
+    with padding (-1, or False)."""
+    if bool(keep.all()):
+        return
+    kept = keep.sum(-1)
+    length, width = keep.shape[-1], int(kept.max())
+    order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, length - width :]
+    filler = torch.arange(width, device=keep.device)[None, :] < (width - kept)[:, None]
+    index = order.masked_fill(filler, -1)
+    cache.keep_all(index)
+    safe, state = index.clamp(min=0), cache.method_state
+    for key in entry_state:
+        taken = torch.gather(state[key], -1, safe)
+        state[key] = taken & ~filler if taken.dtype == torch.bool else taken.masked_fill(filler, -1)
 
 
 def document_mask(visible: torch.Tensor | bool, real: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:

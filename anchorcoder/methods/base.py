@@ -13,7 +13,9 @@ Inference face (used by the generation engine), each an override point with a no
   other rotary positions): the query, keys, values and mask the kernel gets.
 
 ``hidden_token_ids`` (filled by :meth:`prepare`) are tokens the method adds to the stream that never
-reach decoded text.
+reach decoded text; ``skip_position_ids`` are tokens that take the position of the token before
+them (no positional distance, e.g. span sentinels). :meth:`tokens_before` lets a method insert
+tokens while decoding (fed one per step, never sampled nor scored).
 
 Positions are absolute (tokens seen), whatever a layer's stored length. Trained methods add a
 training face (see :class:`anchorcoder.methods.anchors.AnchorMethod`): the same token insertion,
@@ -54,6 +56,7 @@ class KVMethod:
     # positions): the cache pads and trims them with its entries when rows join or leave a batch
     entry_state: ClassVar[tuple[str, ...]] = ()
     hidden_token_ids: ClassVar[frozenset[int]] = frozenset()  # set per instance by prepare()
+    skip_position_ids: ClassVar[frozenset[int]] = frozenset()  # set per instance by prepare()
 
     def prepare(self, model, tokenizer) -> None:
         """Adapt model and tokenizer once (e.g. add an anchor token)."""
@@ -61,6 +64,20 @@ class KVMethod:
     def encode(self, tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt."""
         return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def tokens_before(self, prompt: list[int], generated: list[int], token: int) -> list[int]:
+        """Tokens to feed before a generated ``token`` (not yet in ``generated``), e.g. sentinels
+        that close or open a span; the engine feeds them one per step and samples nothing from them."""
+        return []
+
+    def training_piece(self, ids: list[int], prompt_len: int, seq_len: int) -> tuple[list[int], int]:
+        """A training piece (at most ``seq_len`` tokens, its first ``prompt_len`` the prompt) as the method
+        trains on it, e.g. with spans drawn for it, and its prompt length then."""
+        return ids, prompt_len
+
+    def training_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Labels ``[B, T]`` (shifted by the model) as the method trains them; by default unchanged."""
+        return labels
 
     def before_step(self, cache: KVCache, step: StepInfo) -> None:
         """Called with what is about to be fed, before the forward."""
@@ -92,6 +109,17 @@ class KVMethod:
 
     def describe(self) -> dict:
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+def stream_positions(input_ids: torch.Tensor, skips: frozenset[int] = frozenset()) -> torch.Tensor:
+    """Absolute positions of a token stream ``[..., T]``: the tokens before each one, not counting
+    ``skips``, which take the position of the token before them (0 at the start)."""
+    index = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    if not skips:
+        return index
+    skipped = torch.isin(input_ids, torch.tensor(sorted(skips), device=input_ids.device)).long()
+    before = (1 - skipped).cumsum(-1) - (1 - skipped)  # ordinary tokens before each one
+    return (before - skipped).clamp(min=0)
 
 
 def build_method(cfg: dict) -> KVMethod:

@@ -18,6 +18,7 @@ import logging
 import re
 import sysconfig
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,6 +250,7 @@ def pack_documents(docs: list[Document], method, tokenizer, seq_len: int, pack: 
             continue
         ids = method.encode(tokenizer, doc.text) + end
         pieces += [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    pieces = [_method_piece(method, piece, seq_len) for piece in pieces]
     if not pack:
         return [[piece] for piece in pieces]
     rows, row, used = [], [], 0
@@ -263,6 +265,14 @@ def pack_documents(docs: list[Document], method, tokenizer, seq_len: int, pack: 
     return rows
 
 
+def _method_piece(method, ids: list[int], seq_len: int) -> Piece:
+    """A piece as the method trains on it (e.g. span sentinels drawn for it: ``training_piece``)."""
+    out, prompt_len = method.training_piece(list(ids), getattr(ids, "prompt_len", 0), seq_len)
+    piece = Piece(out)
+    piece.prompt_len = prompt_len
+    return piece
+
+
 @dataclass
 class PackedCollator:
     """Rows of documents -> right-padded ``input_ids``, ``padding_mask``, ``doc_ids`` and ``labels``.
@@ -273,6 +283,7 @@ class PackedCollator:
     what ``compress_prompt=false`` keeps whole; 0 for plain code)."""
 
     pad_id: int
+    relabel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # the method's training_labels
 
     def __call__(self, rows: list[list[list[int]]]) -> dict[str, torch.Tensor]:
         width = max(sum(len(d) for d in row) for row in rows)
@@ -289,6 +300,8 @@ class PackedCollator:
                 first = start + max(1, getattr(ids, "prompt_len", 0))
                 labels[r, first:end] = input_ids[r, first:end]
                 start = end
+        if self.relabel is not None:
+            labels = self.relabel(input_ids, labels)
         return {
             "input_ids": input_ids, "padding_mask": doc_ids >= 0, "doc_ids": doc_ids, "labels": labels,
             "prompt_lengths": prompt_lengths,

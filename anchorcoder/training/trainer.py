@@ -69,9 +69,14 @@ def validate(cfg: dict) -> tuple[KVMethod, Tracker]:
     method = build_method(cfg["method"])
     if method.name != "dense" and not isinstance(method, AnchorMethod):
         raise ConfigError(
-            f"method={method.name} has no training face; train one of: dense (the control), anllm, anchorcoder"
+            f"method={method.name} has no training face; train one of: dense (the control), anllm, anchorcoder, span"
         )
     t = cfg["trainer"]
+    if method.name == "span" and t.get("objective", "ce") != "ce":
+        raise ConfigError(
+            "method=span trains with trainer.objective=ce only (a dense teacher's logits on the sentinel stream "
+            "are not the rewritten labels' targets)"
+        )
     if t.get("name") not in MODES:
         raise ConfigError(f"trainer must be one of {', '.join(MODES)}; got '{t.get('name')}'")
     if t.get("precision", "auto") not in PRECISIONS:
@@ -466,7 +471,7 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     try:
         trainer = _trainer_class()(
             model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows or None,
-            data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+            data_collator=PackedCollator(tokenizer.pad_token_id, method.training_labels), processing_class=tokenizer,
             callbacks=_callbacks(tracker, output_dir, container["trainer"].get("max_minutes")), method=method,
             objective=objective, teacher=teacher, tokens_seen=_logged_tokens(output_dir) if resume_from else 0,
         )  # fmt: skip
