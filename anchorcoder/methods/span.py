@@ -214,16 +214,15 @@ class SpanCompression(AnchorMethod):
             return out[:seq_len], min(len(self.insert_spans(plain[:prompt], start)), seq_len)
         rng = random.Random(zlib.crc32(str((self.seed, plain)).encode()))
         out = plain[:start]
-        regions = [(0, prompt), (prompt, len(plain))] if self.compress_prompt else [(prompt, len(plain))]
-        for begin, end in regions:
+        for begin, end in [(0, prompt), (prompt, len(plain))] if self.compress_prompt else [(prompt, len(plain))]:
             cursor = begin
             for s, e in draw_spans(end - begin, self.ratio, self.min_span, self.max_span, self.adjacent, rng):
                 out += [*plain[cursor : begin + s], self._cl, *plain[begin + s : begin + e], self._cr]
                 cursor = begin + e
             out += plain[cursor:end]
-            if begin == 0 and self.compress_prompt:
-                prompt_len = len(out)
-        return self._cut(out, seq_len), min(prompt_len if self.compress_prompt else prompt, seq_len)
+            if end == prompt:
+                prompt_len = len(out)  # the prompt with its spans
+        return self._cut(out, seq_len), min(prompt_len, seq_len)
 
     def _cut(self, ids: list[int], seq_len: int) -> list[int]:
         """``ids[:seq_len]``, and before the ``<CL>`` of a span that limit would leave open."""
