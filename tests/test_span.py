@@ -249,3 +249,26 @@ def test_train_py_trains_span(tmp_path):
     metrics = train(tmp_path / "run", "method=span")
     assert metrics["steps"] == 4 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
     assert (tmp_path / "run" / "final" / "method.yaml").read_text().count("span") >= 1
+
+
+def test_teacher_forced_likelihood_is_the_masked_forwards(tiny, humaneval_prompts):
+    """code_ppl's path: targets are plain tokens, the engine inserts the sentinels while feeding them,
+    and the summed NLL is the masked forward's at each target's last real token before it."""
+    method, model, tokenizer = span_method(tiny, policy="chunks", span_tokens=8)
+    cl, cr = method.anchor_ids
+    prompt = method.encode(tokenizer, humaneval_prompts[0])[:50]
+    while prompt[-1] in (cl, cr):
+        prompt.pop()
+    target = method.encode_continuation(tokenizer, humaneval_prompts[1])[:30]
+    settings = GenerationSettings(max_new_tokens=64, stop_at_eos=False)
+    [result] = GenerationEngine(model, tokenizer, method, settings).generate([prompt], targets=[target])
+    assert [t for t in result.token_ids if t not in (cl, cr)] == target and cr in result.token_ids
+    stream = prompt + result.token_ids
+    with torch.inference_mode():
+        logprobs = masked_forward(model, method, torch.tensor([stream[:-1]])).logits[0].log_softmax(-1)
+    nll = 0.0
+    for i in range(len(prompt), len(stream)):
+        if stream[i] not in (cl, cr):
+            source = max(j for j in range(i) if stream[j] not in (cl, cr))
+            nll -= float(logprobs[source, stream[i]])
+    assert abs(nll - result.nll) < 1e-3

@@ -228,7 +228,7 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         targets = None
         if benchmark.kind == "perplexity":
             # anchors a method inserts (AnLLM-AC's <AC>) are in the target as they would be generated
-            targets = [method.encode(tokenizer, p.data["target"], add_special_tokens=False) for p in problems]
+            targets = [method.encode_continuation(tokenizer, p.data["target"]) for p in problems]
         parts.settings.stop = benchmark.stop_strings(style)
         engine = GenerationEngine(model, tokenizer, method, parts.settings)
         stats_path = out / "engine_stats.json"

@@ -65,6 +65,11 @@ class KVMethod:
         """Token ids of a prompt."""
         return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
+    def encode_continuation(self, tokenizer, text: str) -> list[int]:
+        """Token ids of text that continues a prompt (a teacher-forced target), as the method would
+        have generated them: by default :meth:`encode` without special tokens."""
+        return self.encode(tokenizer, text, add_special_tokens=False)
+
     def tokens_before(self, prompt: list[int], generated: list[int], token: int) -> list[int]:
         """Tokens to feed before a generated ``token`` (not yet in ``generated``), e.g. sentinels
         that close or open a span; the engine feeds them one per step and samples nothing from them."""

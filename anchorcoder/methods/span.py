@@ -169,6 +169,9 @@ class SpanCompression(AnchorMethod):
         ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         return self.insert_spans(ids) if self.compress_prompt else ids
 
+    def encode_continuation(self, tokenizer, text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids  # the engine inserts the sentinels as it feeds
+
     def insert_spans(self, ids: list[int], start: int = 0) -> list[int]:
         """``ids`` with the inference policy's sentinels from ``start`` on (the last span left open)."""
         out = list(ids[:start])
