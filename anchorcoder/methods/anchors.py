@@ -199,18 +199,22 @@ class AnchorMethod(KVMethod):
         )  # fmt: skip
         return document_mask(visible, t.real, t.doc)
 
+    def token_rule(self, t: TrainingTokens):
+        """The rule as a function of (row, query index, key index), for FlexAttention's ``mask_mod``."""
+        anchor, seg, pos, sink, see = t.anchor, t.seg, t.pos, t.sink, self.anchors_see_anchors
+        return lambda b, q, k: anchor_rule(seg[b, q], anchor[b, q], seg[b, k], anchor[b, k], pos[b, k], sink[b], see)
+
     def block_mask(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None, block_size: int = 128):
         """The same rule as a FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         t = self.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids)
-        real, anchor, seg, pos, sink, see = t.real, t.anchor, t.seg, t.pos, t.sink, self.anchors_see_anchors
-        doc = t.doc if t.doc is not None else torch.zeros_like(seg)
+        rule, real = self.token_rule(t), t.real
+        doc = t.doc if t.doc is not None else torch.zeros_like(t.seg)
 
         def mask_mod(b, h, q, k):
-            rule = anchor_rule(seg[b, q], anchor[b, q], seg[b, k], anchor[b, k], pos[b, k], sink[b], see)
-            rule = rule & (doc[b, q] == doc[b, k])
-            return (rule & (k <= q) & real[b, q] & real[b, k]) | ((q == k) & ~real[b, q])
+            visible = rule(b, q, k) & (doc[b, q] == doc[b, k])
+            return (visible & (k <= q) & real[b, q] & real[b, k]) | ((q == k) & ~real[b, q])
 
         batch, length = input_ids.shape
         return create_block_mask(

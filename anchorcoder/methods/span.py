@@ -300,21 +300,9 @@ class SpanCompression(AnchorMethod):
         )  # fmt: skip
         return document_mask(visible, t.real, t.doc)
 
-    def block_mask(self, input_ids, padding_mask=None, prompt_lengths=None, doc_ids=None, block_size: int = 128):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        t = self.training_tokens(input_ids, padding_mask, prompt_lengths, doc_ids)
-        kind, sid, real = t.kind, t.seg, t.real
-        doc = t.doc if t.doc is not None else torch.zeros_like(sid)
-
-        def mask_mod(b, h, q, k):
-            rule = span_rule(kind[b, q], sid[b, q], q, kind[b, k], sid[b, k], k) & (doc[b, q] == doc[b, k])
-            return (rule & (k <= q) & real[b, q] & real[b, k]) | ((q == k) & ~real[b, q])
-
-        batch, length = input_ids.shape
-        return create_block_mask(
-            mask_mod, batch, None, length, length, device=str(input_ids.device), BLOCK_SIZE=block_size
-        )
+    def token_rule(self, t: SpanTokens):
+        kind, sid = t.kind, t.seg
+        return lambda b, q, k: span_rule(kind[b, q], sid[b, q], q, kind[b, k], sid[b, k], k)
 
     # ------------------------------------------------------------------ inference face
     def before_step(self, cache: KVCache, step: StepInfo) -> None:
