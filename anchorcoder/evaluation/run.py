@@ -243,7 +243,9 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             results = [_perplexity_result(r, sources[r["task_id"]], method.hidden_token_ids) for r in records]
             metrics = perplexity_metrics(results)
         else:
-            results = _check_with_progress(benchmark, problems, records, style, parts.execution)
+            results = _check_with_progress(
+                benchmark, problems, records, style, parts.execution, method.hidden_token_ids
+            )
             if isinstance(benchmark, ExecutionBenchmark):  # record which sandbox layers held
                 from anchorcoder.execution import sandbox_layers
 
@@ -315,7 +317,9 @@ def perplexity_metrics(results: list[dict]) -> dict:
     return metrics
 
 
-def _check_with_progress(benchmark: Benchmark, problems, records, style, execution) -> list[dict]:
+def _check_with_progress(
+    benchmark: Benchmark, problems, records, style, execution, hidden: frozenset[int] = frozenset()
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     by_id = {p.task_id: p for p in problems}
@@ -333,7 +337,7 @@ def _check_with_progress(benchmark: Benchmark, problems, records, style, executi
             "exec_s": round(v.duration_s, 4),
             "completion": r["completion"],
             "finish_reason": r["finish_reason"],
-            "new_tokens": len(r["token_ids"]),
+            "new_tokens": sum(t not in hidden for t in r["token_ids"]),  # the method's inserted tokens not counted
             "kv": r["kv"],
         }
         for r, v in zip(records, verdicts, strict=True)
