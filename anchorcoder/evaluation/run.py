@@ -256,7 +256,7 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             f.writelines(json.dumps(r) + "\n" for r in results)
         os.replace(out / "results.jsonl.tmp", out / "results.jsonl")
 
-        metrics.update(kv_and_speed_metrics(records, engine.stats))
+        metrics.update(kv_and_speed_metrics(records, engine.stats, method.hidden_token_ids))
         metrics["run/resumed_samples"] = resumed
         metrics["run/wall_s"] = time.perf_counter() - started  # model load included
         write_json(out / "metrics.json", metrics)

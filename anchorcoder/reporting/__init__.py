@@ -5,8 +5,9 @@ from __future__ import annotations
 from statistics import mean
 
 
-def kv_and_speed_metrics(records: list[dict], stats) -> dict:
-    """The KV and speed keys every evaluation reports (see DESIGN.md, 'Measuring').
+def kv_and_speed_metrics(records: list[dict], stats, hidden: frozenset[int] = frozenset()) -> dict:
+    """The KV and speed keys every evaluation reports (see DESIGN.md, 'Measuring'). Token counts
+    leave out ``hidden`` (tokens the method inserted, e.g. span sentinels).
 
     Reductions compare bytes actually held with the dense-equivalent bytes of the same samples:
     ``1 - sum(held) / sum(dense)``, at the end of generation and at each sample's peak.
@@ -26,8 +27,8 @@ def kv_and_speed_metrics(records: list[dict], stats) -> dict:
         "kv/reduction_final": 1 - held_final / dense_final,
         "kv/reduction_peak": 1 - held_peak / dense_peak,
         "kv/tensor_bytes_peak": stats.kv_tensor_bytes_peak,
-        "gen/prompt_tokens_mean": mean(len(r["prompt_token_ids"]) for r in records),
-        "gen/new_tokens_mean": mean(len(r["token_ids"]) for r in records),
+        "gen/prompt_tokens_mean": mean(sum(t not in hidden for t in r["prompt_token_ids"]) for r in records),
+        "gen/new_tokens_mean": mean(sum(t not in hidden for t in r["token_ids"]) for r in records),
     }
     if stats.prefill_s:  # absent when every sample came from an earlier invocation without timings
         metrics["speed/prefill_s_mean"] = mean(stats.prefill_s)
