@@ -227,7 +227,7 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         prompt_ids = [method.encode(tokenizer, text, add_special_tokens=(style == "completion")) for text in prompts]
         targets = None
         if benchmark.kind == "perplexity":
-            # anchors a method inserts (AnLLM-AC's <AC>) are in the target as they would be generated
+            # as the method would have generated them: AnLLM-AC's <AC> in the text; span's sentinels are fed by the engine
             targets = [method.encode_continuation(tokenizer, p.data["target"]) for p in problems]
         parts.settings.stop = benchmark.stop_strings(style)
         engine = GenerationEngine(model, tokenizer, method, parts.settings)
