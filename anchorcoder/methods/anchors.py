@@ -238,12 +238,19 @@ class AnchorMethod(KVMethod):
         state[OPEN_SEGMENT] = open_seg + q_anchor.sum(-1)
         append_entry_state(state, {KEY_SEGMENT: q_seg, KEY_ANCHOR: q_anchor})
         # not a tensor, so select_rows leaves it alone; it is rebuilt every step
-        state[STEP] = {"seg": q_seg, "anchor": q_anchor, "fed_anchor": bool(q_anchor.any()), "mask": None}
+        fed_anchor = bool(q_anchor.any())  # otherwise the pruned cache holds only what every query may see
+        state[STEP] = {
+            "seg": q_seg,
+            "anchor": q_anchor,
+            "fed_anchor": fed_anchor,
+            "needs_mask": fed_anchor,
+            "mask": None,
+        }
 
     def visibility(self, cache: KVCache, layer_idx: int, keys: slice | None = None) -> torch.Tensor | None:
         step = cache.method_state[STEP]
-        if not step["fed_anchor"]:
-            return None  # the pruned cache holds earlier anchors, the open segment and sinks: all visible
+        if not step["needs_mask"]:
+            return None  # every entry held is visible to every query of the step
         if keys is not None:
             return self._rule_mask(cache, layer_idx, keys)
         if step["mask"] is None:  # the same for every layer: they hold the same entries

@@ -47,6 +47,7 @@ import torch
 
 from anchorcoder.methods.anchors import (
     IGNORE_INDEX,
+    STEP,
     AnchorMethod,
     TrainingTokens,
     add_anchor_token,
@@ -67,7 +68,6 @@ POLICIES = ("lines", "chunks")
 TRAINING_POLICIES = ("random", "inference")
 KIND, SID, ORDER = "span/kind", "span/sid", "span/order"  # per cached entry: kind, span id (-1: none), feed order
 OPEN, OPENED, FED = "span/open", "span/opened", "span/fed"  # per row: open span (-1), spans opened, tokens fed
-STEP = "span/step"
 
 
 def span_rule(q_kind, q_sid, q_order, k_kind, k_sid, k_order) -> torch.Tensor:
@@ -320,21 +320,12 @@ class SpanCompression(AnchorMethod):
         state[OPEN], state[FED] = open_after, state[FED] + length
         append_entry_state(state, {KIND: kind, SID: sid, ORDER: order})
         sentinels = bool(((kind == CL) | (kind == CR)).any())
-        # not a tensor, so the cache's row operations leave it alone; rebuilt every step
+        # not a tensor, so the cache's row operations leave it alone; rebuilt every step. A mask is needed
+        # while a <CL> is held (span tokens must not see it) or a sentinel is fed
         state[STEP] = {
             "kind": kind, "sid": sid, "order": order, "mask": None,
             "needs_mask": held_open or sentinels, "closed": bool((kind == CR).any()),
         }  # fmt: skip
-
-    def visibility(self, cache: KVCache, layer_idx: int, keys: slice | None = None) -> torch.Tensor | None:
-        step = cache.method_state[STEP]
-        if not step["needs_mask"]:
-            return None  # no span open nor sentinel fed: the cache holds ordinary tokens and <CR>s only
-        if keys is not None:
-            return self._rule_mask(cache, layer_idx, keys)
-        if step["mask"] is None:  # the same for every layer: they hold the same entries
-            step["mask"] = self._rule_mask(cache, layer_idx, slice(None))
-        return step["mask"]
 
     def _rule_mask(self, cache: KVCache, layer_idx: int, keys: slice) -> torch.Tensor:
         state, step = cache.method_state, cache.method_state[STEP]
