@@ -51,6 +51,8 @@ ROWS = {
         [*SELF_DISTILL, "trainer.objective=distill"],
     ),
     "anllm_distill": (["method=anllm"], [*SELF_DISTILL, "trainer.objective=distill"]),
+    # span refuses distillation (the teacher never saw the sentinel stream): CE on the spans it will meet
+    "span_lines_ce_raw": (["method=span", "method.training_policy=inference"], RAW_CODE),
 }
 
 

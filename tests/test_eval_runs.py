@@ -224,3 +224,35 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     assert config["model"]["name"] == "tiny-llama" and config["method"]["name"] == "dense"
     assert summary["samples/nrows"] == 2  # the table of per-sample results
     assert summary["quality/pass@1"] == metrics["quality/pass@1"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_bytes_sets_the_eviction_ratio_from_the_measured_reduction():
+    matched = load_script("matched_bytes")
+    # 28 of 30 layers compressed: removing 0.7 of all bytes takes 0.75 of each compressed layer's
+    assert matched.eviction_ratio(0.7, 30, 2) == 0.75
+    assert matched.eviction_ratio(0.7, 30, 0) == 0.7
+    assert matched.eviction_ratio(0.98, 30, 2) == 0.99  # capped below 1
+    with pytest.raises(SystemExit, match="skip_layers holds all 2 layers"):
+        matched.eviction_ratio(0.5, 2, 2)
+    assert matched.skipped_layers(["method=l2norm"]) == 2
+    assert matched.skipped_layers(["method=streamingllm", "method.skip_layers=[]"]) == 0
+
+
+def test_every_matched_bytes_run_is_a_valid_eval_config():
+    matched = load_script("matched_bytes")
+    methods = [["method=dense"], ["method=span"], *matched.ANCHOR_METHODS.values()]
+    methods += [
+        [f"method={m}", "method.schedule=every_step", "method.compression_ratio=0.75"] for m in matched.EVICTION_METHODS
+    ]
+    for bench, setting in matched.BENCHMARKS.items():
+        for method in methods:
+            cfg = compose_config("eval", [*setting, *method])
+            validate(cfg)
+            assert cfg["benchmark"]["name"] == bench
