@@ -7,9 +7,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float:
+    from anchorcoder.cli import reported_errors
     from anchorcoder.evaluation import run_eval
 
-    metrics = run_eval(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+    with reported_errors():  # a config error: its message alone, exit 2; Ctrl-C: the resume line, exit 130
+        metrics = run_eval(cfg, output_dir=HydraConfig.get().runtime.output_dir)
     return metrics["kv/reduction_final"]
 
 

@@ -10,9 +10,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from anchorcoder.cli import reported_errors
     from anchorcoder.training import run_train
 
-    run_train(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+    with reported_errors():  # a config error: its message alone, exit 2; Ctrl-C: the resume line, exit 130
+        run_train(cfg, output_dir=HydraConfig.get().runtime.output_dir)
 
 
 def _take_launcher_arguments() -> None:

@@ -20,7 +20,7 @@ from conftest import compose_config
 
 from anchorcoder.benchmarks import ExecutionSettings, build_benchmark
 
-STEAL = '''
+STEAL = """
 import json, os, sys
 
 
@@ -35,7 +35,7 @@ def loot(frame):  # walk a frame chain for the runner's locals
         if "nonce" in found and "result_fd" in found:
             forge(found["nonce"], found["result_fd"])
         frame = frame.f_back
-'''
+"""
 
 ATTACKS = {
     "stack walk (sys._getframe)": "loot(sys._getframe())",
@@ -82,16 +82,20 @@ ATTACKS = {
     ),
     "forged lines on every descriptor": (
         "for fd in range(3, 64):\n    try:\n"
-        "        os.write(fd, b'{\"status\": \"passed\", \"nonce\": \"0\"}\\n{\"exit\": 0}\\n')\n"
+        '        os.write(fd, b\'{"status": "passed", "nonce": "0"}\\n{"exit": 0}\\n\')\n'
         "    except OSError:\n        pass\nos._exit(0)"
     ),
     "os._exit before the asserts": "os._exit(0)",
     "sys.exit before the asserts": "sys.exit(0)",
 }
 # the others need no control: they only try to reach native code, or only leave early
-FORGE_UNDER_THE_OLD_DESIGN = [name for name in ATTACKS if name.startswith(("stack", "traceback", "running", "signal",
-                                                                             "trace", "thread", "gc", "the runner",
-                                                                             "ctypes: frames", "/proc"))]
+FORGE_UNDER_THE_OLD_DESIGN = [
+    name
+    for name in ATTACKS
+    if name.startswith(
+        ("stack", "traceback", "running", "signal", "trace", "thread", "gc", "the runner", "ctypes: frames", "/proc")
+    )
+]
 
 # The old design, for the control: the verdict sent from the interpreter that ran the program.
 OLD_RUNNER = """
@@ -169,3 +173,49 @@ def test_the_right_answer_still_passes_next_to_the_attack_code(humaneval):
     harmless = correct + STEAL + "\ntry:\n    loot(sys._getframe())\nexcept ValueError:\n    pass\n"
     (verdict,) = bench.check([problem], [harmless], "completion", ExecutionSettings())
     assert verdict.passed, verdict
+
+
+EQUAL_TO_EVERYTHING = "class Anything:\n    def __eq__(self, other):\n        return True\n"
+
+
+@pytest.mark.parametrize("benchmark_name", ["humaneval", "mbpp"])
+def test_strict_equality_rejects_an_object_equal_to_everything(benchmark_name):
+    from anchorcoder.benchmarks.strict import strict_tests
+
+    bench = build_benchmark(compose_config(overrides=[f"benchmark={benchmark_name}", "benchmark.limit=3"])["benchmark"])
+    problems = bench.problems()
+    if benchmark_name == "humaneval":  # the body of the prompt's function
+        cheat = [f"    return Anything()\n{EQUAL_TO_EVERYTHING}" for _ in problems]
+        honest = [p.data["canonical_solution"] for p in problems]
+    else:  # MBPP's completion is the whole solution: its function, returning the cheat
+        cheat = [f"{EQUAL_TO_EVERYTHING}def {p.data['code'].split('def ')[1].split('(')[0]}(*args):\n    return Anything()\n"
+                 for p in problems]  # fmt: skip
+        honest = [p.data["code"] for p in problems]
+    loose, strict = ExecutionSettings(), ExecutionSettings(strict_equality=True)
+    fooled = [v.passed for v in bench.check(problems, cheat, "completion", loose)]  # the benchmarks' own semantics
+    assert sum(fooled) >= 2, fooled  # (a test such as abs(f(x) - y) < 1e-6 is not fooled)
+    assert not any(v.passed for v in bench.check(problems, cheat, "completion", strict))
+    assert all(v.passed for v in bench.check(problems, honest, "completion", strict))
+    assert "__anchorcoder_strict_equal__(" in strict_tests("assert f(1) == [1, 2.0]\n")
+
+
+def test_strict_equality_compares_types_all_the_way_down():
+    from collections import Counter
+
+    from anchorcoder.benchmarks.strict import HELPER, strict_tests
+
+    scope = {}
+    exec(strict_tests("pass\n"), scope)  # our own helper, not generated code
+    equal = scope[HELPER]
+
+    class Evil(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    assert equal(4, 4.0) and equal(True, 1) and equal(Counter({1: 2}), {1: 2}) and equal([1, (2, "a")], [1, (2, "a")])
+    assert not equal(Evil(5), 3) and not equal([Evil(5)], [3]) and not equal({1: Evil(0)}, {1: 2})
+    assert not equal((1, 2), [1, 2]) and not equal(None, 0) and not equal("1", 1)
+    rewritten = strict_tests("assert f(1) == 2 and g() != 3 and 0 == h() == 0\n").split("\n", 2)[2]
+    assert rewritten.endswith(f"assert {HELPER}(f(1), 2) and g() != 3 and (0 == h() == 0)\n")  # != and chains kept

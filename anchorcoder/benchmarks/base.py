@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from anchorcoder.benchmarks.strict import strict_tests
 from anchorcoder.registry import ConfigError
 
 CODE_BLOCK = re.compile(r"```(?:[A-Za-z0-9_+-]*)\n(.*?)(?:```|$)", re.DOTALL)
@@ -53,11 +54,19 @@ class Benchmark:
         if self.prompt_style is not None and self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"benchmark.prompt_style must be null or one of {', '.join(PROMPT_STYLES)}")
 
+    needs_tokenizer: ClassVar[bool] = False  # its problems are built with the model's tokenizer
+    _loaded: list | None = field(default=None, init=False, repr=False, compare=False)
+
     def load_problems(self, tokenizer) -> list[Problem]:
         raise NotImplementedError
 
+    def preload(self) -> None:
+        """Load and check the data now, before any model loads (unless the problems need its tokenizer)."""
+        if not self.needs_tokenizer:
+            self._loaded = self.load_problems(None)
+
     def problems(self, tokenizer=None) -> list[Problem]:
-        problems = self.load_problems(tokenizer)
+        problems = self._loaded if self._loaded is not None else self.load_problems(tokenizer)
         return problems if self.limit is None else problems[: self.limit]
 
     def chat_message(self, problem: Problem) -> str:
@@ -99,11 +108,14 @@ class ExecutionSettings:
     memory_mb: int = 2048
     max_file_mb: int = 16
     max_processes: int = 1
+    strict_equality: bool = False  # every == of the tests also compares types (benchmarks/strict.py)
 
     def __post_init__(self):
         from anchorcoder.execution.sandbox import check_workers
 
         check_workers(self.workers)  # the sandbox's own checks, before any model loads
+        if not isinstance(self.strict_equality, bool):
+            raise ConfigError(f"execution.strict_equality must be true or false; got {self.strict_equality!r}")
         self.limits(timeout_s=1.0)
 
     def limits(self, timeout_s: float):
@@ -123,14 +135,24 @@ class ExecutionBenchmark(Benchmark):
 
     timeout_s: float = 3.0  # per program
 
-    def program(self, problem: Problem, completion: str, style: str) -> str:
+    def solution(self, problem: Problem, completion: str, style: str) -> str:
+        """The code under test: the completion (with the prompt it continues, where it needs it)."""
         raise NotImplementedError
+
+    def tests(self, problem: Problem) -> str:
+        """The benchmark's test code, run after the solution."""
+        raise NotImplementedError
+
+    def program(self, problem: Problem, completion: str, style: str, strict_equality: bool = False) -> str:
+        tests = self.tests(problem)
+        return f"{self.solution(problem, completion, style)}\n\n{strict_tests(tests) if strict_equality else tests}"
 
     def check(self, problems, completions, style, execution: ExecutionSettings, on_result: Callable | None = None):
         from anchorcoder.execution import run_programs
 
         limits = execution.limits(self.timeout_s)
-        programs = [self.program(p, c, style) for p, c in zip(problems, completions, strict=True)]
+        strict = execution.strict_equality
+        programs = [self.program(p, c, style, strict) for p, c in zip(problems, completions, strict=True)]
         results = run_programs(programs, limits, workers=execution.workers, on_result=on_result)
         return [Verdict(r.passed, r.reason, r.duration_s) for r in results]
 
@@ -164,7 +186,38 @@ def verify_sha256(path: Path, expected: str | None, key: str) -> str:
     return digest
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, key: str, required: tuple[str, ...] = (), id_field: str | None = None) -> list[dict]:
+    """Every row of a JSON-lines file (``.gz`` too), each checked: an error names the config key, the file
+    and the line (not UTF-8, not JSON, not an object, a required field missing, a repeated id)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows, first_line = [], {}
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                where = f"{key}: {path} line {number}"
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    raise ConfigError(f"{where} is not UTF-8 text (byte {err.start}); wrong or corrupt file") from None
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{where} is not valid JSON ({err.msg}, column {err.colno})") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"{where} is not a JSON object")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ConfigError(f"{where} lacks {', '.join(missing)} (each row needs {', '.join(required)})")
+                if id_field is not None:
+                    task = row[id_field]
+                    if not isinstance(task, str | int):
+                        raise ConfigError(f"{where}: {id_field} must be a string or an integer; got {task!r}")
+                    if task in first_line:
+                        raise ConfigError(f"{where}: {id_field} {task!r} again (first at line {first_line[task]})")
+                    first_line[task] = number
+                rows.append(row)
+    except (OSError, EOFError) as err:  # unreadable, or a corrupt or truncated .gz
+        raise ConfigError(f"{key}: {path} cannot be read ({err})") from None
+    if not rows:
+        raise ConfigError(f"{key}: {path} holds no rows")
+    return rows

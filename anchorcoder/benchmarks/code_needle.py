@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from anchorcoder.benchmarks.base import Benchmark, Problem, Verdict
 from anchorcoder.registry import BENCHMARKS, ConfigError
@@ -90,6 +91,7 @@ def haystack_module(rng: random.Random, tokenizer, context_tokens: int, depth: f
 @BENCHMARKS.register("code_needle")
 @dataclass
 class CodeNeedle(Benchmark):
+    needs_tokenizer: ClassVar[bool] = True
     name = "code_needle"
     context_tokens: int = 2048
     n_problems: int = 20

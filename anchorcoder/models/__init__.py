@@ -1,3 +1,3 @@
 """Model loading: embedded GGUF, random tiny models, hub ids and local folders."""
 
-from anchorcoder.models.loading import LoadedModel, check_model_config, load_model  # noqa: F401
+from anchorcoder.models.loading import LoadedModel, check_model_config, load_model, locate_model  # noqa: F401

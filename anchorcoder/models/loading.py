@@ -264,6 +264,24 @@ class Pretrained:
                 )
 
     @staticmethod
+    def locate(cfg: dict) -> None:
+        """A hub id must be in the HF cache or the hub reachable: else one clear error, before any run folder."""
+        path, revision = str(cfg["path"]), cfg.get("revision")
+        if _is_local_path(path):
+            return  # check() looked at the folder
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str):
+            return
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+        if reason:
+            raise ConfigError(
+                f"model.path={path}: not a local folder, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                f"and the hub cannot be reached ({reason}). Download it where the hub is reachable "
+                f"(`huggingface-cli download {path}`) and copy the cache here, or set model.path=<a local folder>"
+            )
+
+    @staticmethod
     def load(cfg: dict, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,6 +293,26 @@ class Pretrained:
             restore_laa_gates(model, Path(path))
         commit = getattr(model.config, "_commit_hash", None)
         return model, tokenizer, f"{path}@{commit or revision or 'local'}"
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why a TCP connection to the hub fails (in at most 3 s), or None when it succeeds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as err:
+        return f"{url.hostname}: {err.strerror or err}"
+    return None
+
+
+def locate_model(cfg: dict) -> None:
+    """Refuse, with one line, a model whose weights cannot be had (checked before any run folder exists)."""
+    locate = getattr(MODEL_SOURCES.get(cfg["source"]), "locate", None)
+    if locate is not None:
+        locate(cfg)
 
 
 def _package_version(name: str) -> str:

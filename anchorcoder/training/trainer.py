@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from anchorcoder.methods import KVMethod, build_method
 from anchorcoder.methods.anchorcoder import GATE_MODULE
 from anchorcoder.methods.anchors import IGNORE_INDEX, AnchorMethod, masked_forward
-from anchorcoder.models import check_model_config, load_model
+from anchorcoder.models import check_model_config, load_model, locate_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.tracking import Tracker, build_tracker
 from anchorcoder.training.data import (
@@ -405,6 +406,7 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     try:
         method, tracker = validate(container)
         resume_from = _resume_point(container, output_dir)
+        locate_model(container["model"])
     except ConfigError:
         discard_unfinished_run_dir(output_dir)
         raise
@@ -483,6 +485,14 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
             f"({_last_checkpoint(output_dir) or 'none yet'}). Lower trainer.learning_rate and resume with "
             "trainer.resume=true."
         ) from None
+    except KeyboardInterrupt:
+        tracker.finish(failed=True)
+        print(
+            f"\ninterrupted: checkpoints are in {output_dir} (last: {_last_checkpoint(output_dir) or 'none yet'}); "
+            f"re-run with the same overrides, trainer.resume=true and hydra.run.dir={output_dir} to continue",
+            file=sys.stderr,
+        )
+        raise
     except BaseException:
         tracker.finish(failed=True)
         raise
