@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="first N MBPP test problems")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the data folder (paths.data_dir)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

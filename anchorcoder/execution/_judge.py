@@ -1,7 +1,9 @@
 """The interpreter that runs one untrusted program and sends its verdict.
 
 ``_runner.py`` isolates a process (namespaces, mounts, rlimits, capabilities, seccomp) and then
-replaces itself with this script: ``python -s _judge.py <result fd> <input fd>``. So the program runs
+replaces itself with this script: ``python -S -s _judge.py <result fd> <input fd>``. Without ``site``
+(its ``.pth`` files cost more start-up time than the rest), the parent's site-packages are added
+to ``sys.path`` here, and ``exit``/``quit`` defined as ``site`` would. So the program runs
 in a fresh interpreter that never loaded ``ctypes`` and holds none of the runner's objects. The input
 is a memfd: one JSON line (nonce, timeout, layers, whether processes are allowed), then the program;
 it is read and closed before the program exists.
@@ -59,6 +61,16 @@ def seal(allow_ctypes: bool = False):
 
     sys.addaudithook(refuse)
     return lambda: armed.append(True)
+
+
+def add_site_packages(folders: list[str]) -> None:
+    """What programs expect of ``site`` (the parent's site-packages), without running its ``.pth`` files."""
+    import _sitebuiltins
+    import builtins
+
+    sys.path.extend(p for p in folders if p not in sys.path)
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
 
 
 def disable_destructive_functions(allow_processes: bool) -> None:
@@ -127,6 +139,7 @@ def main() -> None:
         header = json.loads(f.readline())
         program = f.read().decode(errors="surrogateescape")
     arm = seal(header["allow_ctypes"])
+    add_site_packages(header["site_packages"])
     disable_destructive_functions(header["allow_processes"])
     run(program, header.pop("nonce"), header["timeout_s"], result_fd, header["layers"], arm)
 

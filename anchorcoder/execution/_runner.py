@@ -1,6 +1,6 @@
 """Child side of the sandbox: isolate this fresh interpreter, then run one untrusted program.
 
-Started by :mod:`anchorcoder.execution.sandbox` as ``python -s _runner.py <result fd> <settings json>``
+Started by :mod:`anchorcoder.execution.sandbox` as ``python -S -s _runner.py <result fd> <settings json>``
 (the limits, and whether to use namespaces), with a one-line nonce and then the program on stdin.
 Standard library only. The steps:
 
@@ -373,13 +373,14 @@ def hand_over(program: str, nonce: str, result_fd: int, limits: dict, layers: di
     runs the program and sends the verdict. Its input goes through a memfd that it reads and closes."""
     header = {"nonce": nonce, "timeout_s": limits["timeout_s"], "layers": layers}
     header["allow_processes"] = limits["max_processes"] > 1
-    header["allow_ctypes"] = limits.get("ctypes", False)  # tests only: the kernel layers tried through ctypes
+    header["allow_ctypes"] = limits.get("ctypes", False)
+    header["site_packages"] = limits.get("site", [])  # tests only: the kernel layers tried through ctypes
     input_fd = os.memfd_create("program", 0)  # no MFD_CLOEXEC: it survives the exec
     os.write(input_fd, DUMPS(header).encode() + b"\n" + program.encode(errors="surrogateescape"))
     os.lseek(input_fd, 0, os.SEEK_SET)
     os.set_inheritable(result_fd, True)
     judge = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_judge.py")
-    os.execv(sys.executable, [sys.executable, "-s", judge, str(result_fd), str(input_fd)])
+    os.execv(sys.executable, [sys.executable, "-S", "-s", judge, str(result_fd), str(input_fd)])
 
 
 def main() -> None:

@@ -50,6 +50,13 @@ USE_NAMESPACES = True  # tests turn it off to check the layers that hold where n
 ALLOW_CTYPES = False  # tests turn it on to reach the kernel layers under the Python ones (mount, unshare...)
 
 
+def _site_packages() -> list[str]:
+    """This environment's site-packages: the sandbox's interpreters start without ``site`` (-S)."""
+    import site
+
+    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -222,10 +229,13 @@ def _run(program: str, limits: SandboxLimits) -> tuple[ExecutionResult, dict[str
         proc = subprocess.Popen(
             [
                 sys.executable,
+                "-S",  # no site: the runner is standard library only, and site's .pth files cost start-up time
                 "-s",
                 str(RUNNER),
                 str(write_fd),
-                json.dumps({**asdict(limits), "namespaces": USE_NAMESPACES, "ctypes": ALLOW_CTYPES}),
+                json.dumps(
+                    {**asdict(limits), "namespaces": USE_NAMESPACES, "ctypes": ALLOW_CTYPES, "site": _site_packages()}
+                ),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
