@@ -128,10 +128,15 @@ def test_ctrl_c_prints_the_resume_line_and_exits_130(tmp_path):
          f"hydra.run.dir={run_dir}"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (run_dir / "generations.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=60)[1]
+    log, deadline = run_dir / "generations.jsonl", time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n")):
+        time.sleep(0.2)  # until a sample is finished: the run is in its generation loop
+    for _ in range(5):  # an interrupt that lands in a finalizer is ignored by Python: press again, as a user would
+        proc.send_signal(signal.SIGINT)
+        try:
+            stderr = proc.communicate(timeout=20)[1]
+            break
+        except subprocess.TimeoutExpired:
+            continue
     assert proc.returncode == 130, stderr
     assert "interrupted: finished samples are saved" in stderr and "Traceback" not in stderr, stderr
