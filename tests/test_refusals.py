@@ -127,16 +127,22 @@ def test_ctrl_c_prints_the_resume_line_and_exits_130(tmp_path):
         [sys.executable, str(ROOT / "eval.py"), "model=tiny-llama", "logger=none", "generation.max_new_tokens=512",
          f"hydra.run.dir={run_dir}"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+        # a background job (CI's shell) inherits SIGINT ignored, and Python then installs no handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     log, deadline = run_dir / "generations.jsonl", time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n")):
         time.sleep(0.2)  # until a sample is finished: the run is in its generation loop
-    for _ in range(5):  # an interrupt that lands in a finalizer is ignored by Python: press again, as a user would
+    stderr = None
+    for _ in range(3):  # an interrupt that lands in a finalizer is ignored by Python: press again, as a user would
         proc.send_signal(signal.SIGINT)
         try:
             stderr = proc.communicate(timeout=20)[1]
             break
         except subprocess.TimeoutExpired:
             continue
+    if stderr is None:
+        proc.kill()
+        pytest.fail("eval.py did not stop on SIGINT")
     assert proc.returncode == 130, stderr
     assert "interrupted: finished samples are saved" in stderr and "Traceback" not in stderr, stderr
