@@ -100,13 +100,12 @@ DENIED = {  # EPERM, always: what could reach past the namespaces, the process g
 # linux/landlock.h: the rights to execute, read a file, read a directory; the rights a rule on a file may hold
 LANDLOCK_READ, LANDLOCK_FILE_RIGHTS = 1 | 4 | 8, 1 | 2 | 4 | 1 << 14
 LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # on every arch
-DUMPS = json.dumps
 SAFE_DEVICES = ("null", "zero", "full", "random", "urandom")
 PRIVATE_UID_BASE = 0x7F000000  # + the supervisor's pid: a uid no one else has
 
 
 def send(fd: int, **message) -> None:
-    os.write(fd, (DUMPS(message) + "\n").encode())
+    os.write(fd, (json.dumps(message) + "\n").encode())
 
 
 def _check(result: int, what: str) -> None:
@@ -376,7 +375,7 @@ def hand_over(program: str, nonce: str, result_fd: int, limits: dict, layers: di
     header["allow_ctypes"] = limits.get("ctypes", False)
     header["site_packages"] = limits.get("site", [])  # tests only: the kernel layers tried through ctypes
     input_fd = os.memfd_create("program", 0)  # no MFD_CLOEXEC: it survives the exec
-    os.write(input_fd, DUMPS(header).encode() + b"\n" + program.encode(errors="surrogateescape"))
+    os.write(input_fd, json.dumps(header).encode() + b"\n" + program.encode(errors="surrogateescape"))
     os.lseek(input_fd, 0, os.SEEK_SET)
     os.set_inheritable(result_fd, True)
     judge = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_judge.py")
