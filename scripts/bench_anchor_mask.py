@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from anchorcoder.api import compose, load, prepare
 from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import AnchorMethod, masked_forward
-from anchorcoder.models import load_model
 from anchorcoder.reporting.memory import peak_rss_growth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,14 +65,12 @@ def main() -> None:
     args = parser.parse_args()
     if not any(o.startswith("method=") for o in args.overrides):
         args.overrides.insert(0, "method=anllm")
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
-    loaded = load_model(cfg["model"], cfg.get("device", "auto"))
+    cfg = compose(*args.overrides)
+    if not isinstance(build_method(cfg["method"]), AnchorMethod):
+        raise SystemExit(f"method={cfg['method']['name']} has no training mask; use method=anllm, anchorcoder or span")
+    loaded = load(*args.overrides)
     model, tokenizer = loaded.model, loaded.tokenizer
-    method = build_method(cfg["method"])
-    if not isinstance(method, AnchorMethod):
-        raise SystemExit(f"method={method.name} has no training mask; use method=anllm, anchorcoder or span")
-    method.prepare(model, tokenizer)
+    method = prepare(loaded, cfg["method"])
     ids = code_tokens(method, tokenizer, args.length).to(next(model.parameters()).device)
     n_anchors = int(method.is_anchor(ids).sum())
     print(

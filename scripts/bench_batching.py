@@ -20,13 +20,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from anchorcoder.evaluation.run import validate
+from anchorcoder.api import compose, load, prepare
+from anchorcoder.evaluation.run import benchmark_inputs, validate
 from anchorcoder.generation import GenerationEngine
-from anchorcoder.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["logger=none", "generation.batch_size=8"]
@@ -56,17 +54,13 @@ def main() -> None:
     parser.add_argument("--order", choices=("static-first", "continuous-first"), default="static-first")
     parser.add_argument("overrides", nargs="*", help=f"eval.py overrides (added to {' '.join(DEFAULTS)})")
     args = parser.parse_args()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=DEFAULTS + args.overrides), resolve=True)
+    cfg = compose(*DEFAULTS, *args.overrides)
     parts = validate(cfg)
-    loaded = load_model(cfg["model"], cfg.get("device", "auto"))
-    method, benchmark = parts.method, parts.benchmark
-    method.prepare(loaded.model, loaded.tokenizer)
+    loaded = load(*DEFAULTS, *args.overrides)
+    method, benchmark = prepare(loaded, parts.method), parts.benchmark
     style = benchmark.prompt_style or cfg["model"]["prompt_style"]
-    problems = benchmark.problems(loaded.tokenizer)
-    texts = [benchmark.render_prompt(p, style, loaded.tokenizer) for p in problems]
-    prompts = [method.encode(loaded.tokenizer, t, add_special_tokens=(style == "completion")) for t in texts]
-    settings = replace(parts.settings, stop=benchmark.stop_strings(style))
+    _, prompts, stop, _ = benchmark_inputs(benchmark, method, loaded.tokenizer, style)
+    settings = replace(parts.settings, stop=stop)
 
     order = (False, True) if args.order == "static-first" else (True, False)
     runs = {continuous: run_mode(loaded, method, settings, prompts, continuous) for continuous in order}

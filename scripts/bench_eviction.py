@@ -45,14 +45,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
+from anchorcoder.api import compose, load, prepare
 from anchorcoder.generation import GenerationEngine, GenerationSettings
 from anchorcoder.generation.engine import model_kv_shape
-from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import AnchorMethod
-from anchorcoder.models import load_model
 from anchorcoder.reporting.memory import peak_rss_growth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,8 +185,7 @@ def run_once(loaded, entry: dict, text: str, context: int, new_tokens: int) -> d
             lambda: run_kvpress_pipeline(loaded, method_cfg["compression_ratio"], prompt, new_tokens)
         )
         return {**row, "rss_growth_bytes": growth}
-    method = build_method(method_cfg)
-    method.prepare(loaded.model, loaded.tokenizer)
+    method = prepare(loaded, method_cfg)
     prompt = context_ids(text, loaded.tokenizer, method, context)
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_at_eos=False, prefill_chunk=entry["prefill_chunk"])
     engine = GenerationEngine(loaded.model, loaded.tokenizer, method, settings)
@@ -291,9 +287,8 @@ def main() -> None:
     rounds = [int(r) for r in args.rounds.split(",")]
     rounds = rounds * len(contexts) if len(rounds) == 1 else rounds
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose(config_name="eval", overrides=args.overrides), resolve=True)
-    loaded = load_model(cfg["model"], cfg.get("device", "auto"))
+    cfg = compose(*args.overrides)
+    loaded = load(*args.overrides)
     chosen = methods(args.ratio, args.prefill_chunk)
     if args.methods:
         wanted = args.methods.split(",")
@@ -302,7 +297,7 @@ def main() -> None:
             parser.error(f"--methods {args.methods}: none of the labels {', '.join(methods(args.ratio, 1))}")
     for entry in chosen.values():  # the bridge hooks the model for good: hook it before any timing,
         if entry["method"]["name"] == "kvpress":  # so every run, in every round, carries the same hooks
-            build_method(entry["method"]).prepare(loaded.model, loaded.tokenizer)
+            prepare(loaded, entry["method"])
     import transformers
 
     report = {

@@ -21,11 +21,10 @@ import json
 import statistics
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from anchorcoder.api import compose, prepare
 from anchorcoder.generation.engine import model_kv_shape
-from anchorcoder.methods import build_method
 from anchorcoder.methods.anchors import kept_count
 from anchorcoder.models import load_model
 from anchorcoder.registry import ConfigError
@@ -49,11 +48,9 @@ def check(run_dir: Path, rule: list[str] | None = None) -> dict:
     """
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     if rule:
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg["method"] = OmegaConf.to_container(compose(config_name="eval", overrides=rule), resolve=True)["method"]
-    loaded = load_model(cfg["model"], device="cpu")
-    method = build_method(cfg["method"])
-    method.prepare(loaded.model, loaded.tokenizer)
+        cfg["method"] = compose(*rule)["method"]
+    loaded = load_model(cfg["model"], device="cpu")  # the run's own model config, as it was saved
+    method = prepare(loaded, cfg["method"])
     if not getattr(method, "anchor_ids", None) or (rule and method.hidden_token_ids):
         raise ConfigError(
             f"method={cfg['method']['name']}: the check needs an anchor rule, and --rule one on the model's own "
