@@ -13,10 +13,12 @@ notebook and the command line run the same thing. ``generate`` renders prompts a
 them (its chat template for chat models) and encodes them as the method feeds them; ``evaluate`` is
 an ``eval.py`` run (its run folder, files and metrics) on a model you already loaded.
 
-One loaded model serves every method: ``prepare`` adds a method's tokens (AnLLM's ``<AC>``, span's
-``<CL>``/``<CR>``, ``<ANC>``) to the model and tokenizer once, and a method that does not use them never
-sees them, since nothing it encodes contains them. What a method changes in the model is additive
-in the same way (AnchorCoder's LAA gates start at zero and act only under AnchorCoder).
+``prepare`` changes the loaded model: a method that adds tokens (AnLLM's ``<AC>``, span's
+``<CL>``/``<CR>``, ``<ANC>``) adds them to the model and tokenizer, once. Another method on the same
+model never feeds them (nothing it encodes contains them), but their new output rows can still be
+sampled, so a run after such a method may differ from an ``eval.py`` run on a fresh load. For results
+you report, load once per method that adds tokens; methods that add none (dense, l2norm, streamingllm,
+anchorcoder with newline anchors, kvpress) share one model freely.
 """
 
 from __future__ import annotations
@@ -110,7 +112,11 @@ def evaluate(*overrides: str, model: LoadedModel | None = None, output_dir: str 
 
     cfg = compose(*overrides)
     if model is not None:
+        named = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]
+        if named:
+            raise ConfigError(f"evaluate(model=...) uses that loaded model; drop {', '.join(named)} or load it instead")
         cfg["model"] = dict(model.config)
+        cfg["run_name"] = f"{model.config['name']}_{cfg['method']['name']}_{cfg['benchmark']['name']}"
     if output_dir is None:
         output_dir = Path("outputs") / "eval" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{cfg['run_name']}"
     return run_eval(cfg, output_dir, loaded=model)

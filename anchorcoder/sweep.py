@@ -11,12 +11,15 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 
-def finish_sweep(config, sweep_dir: Path) -> None:
-    """The sweep's report (``report.md`` + plots in the sweep folder) and, with ``logger=wandb``, one
-    summary W&B run in the sweep's group holding the table and the plots."""
-    from anchorcoder.reporting.compare import write_report
+def finish_sweep(config, sweep_dir: Path, failed: list[str] = ()) -> None:
+    """The sweep's report (``report.md`` + plots in the sweep folder, failed jobs listed) and, with
+    ``logger=wandb``, one summary W&B run in the sweep's group holding the table and the plots."""
+    from anchorcoder.reporting.compare import flat_row, write_report
 
     runs, images = write_report([sweep_dir], sweep_dir)
+    if failed:
+        with (sweep_dir / "report.md").open("a") as report:
+            report.write("\n## Failed jobs\n\n" + "".join(f"- {line}\n" for line in failed))
     log.info("sweep report: %s", sweep_dir / "report.md")
     logger = OmegaConf.to_container(config.get("logger") or {}, resolve=True)
     if logger.get("name") != "wandb" or logger.get("mode") == "disabled" or not runs:
@@ -31,54 +34,12 @@ def finish_sweep(config, sweep_dir: Path) -> None:
         job_type="summary",
     )
     try:
-        rows = [r.row() for r in runs]
-        columns = [
-            "benchmark",
-            "model",
-            "method",
-            "options",
-            "adapter",
-            "finished",
-            "quality_key",
-            "quality",
-            "interval_low",
-            "interval_high",
-            "kv_reduction_final",
-            "kv_reduction_peak",
-            "decode_tokens_per_s",
-            "wall_s",
-            "vs_dense_better",
-            "vs_dense_worse",
-            "vs_dense_p",
-            "folder",
-        ]
-        table = []
-        for r in rows:
-            m, c, interval = r["metrics"], r["vs_dense"] or {}, r["interval"] or [None, None]
-            table.append(
-                [
-                    r["benchmark"],
-                    r["model"],
-                    r["method"],
-                    r["options"],
-                    r["adapter"],
-                    r["finished"],
-                    r["quality_key"],
-                    r["quality"],
-                    *interval,
-                    m.get("kv/reduction_final"),
-                    m.get("kv/reduction_peak"),
-                    m.get("speed/decode_tokens_per_s"),
-                    m.get("run/wall_s"),
-                    c.get("a_better"),
-                    c.get("b_better"),
-                    c.get("p"),
-                    r["folder"],
-                ]
-            )
-        tracker.log_table("comparison", columns, table, always=True)
+        rows = [flat_row(r) for r in runs]
+        tracker.log_table("comparison", list(rows[0]), [list(r.values()) for r in rows], always=True)
         tracker.log_images({p.stem: p for p in images})
-        tracker.log_metrics({"sweep/jobs": len(runs), "sweep/finished": sum(r.finished for r in runs)})
+        tracker.log_metrics(
+            {"sweep/runs": len(runs), "sweep/finished": sum(r.finished for r in runs), "sweep/failed_jobs": len(failed)}
+        )
         tracker.finish()
     except BaseException:
         tracker.finish(failed=True)

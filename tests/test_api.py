@@ -30,8 +30,10 @@ def test_generate_under_two_methods_on_one_loaded_model(model):
         assert e.kv.bytes_final < d.kv.bytes_final and e.kv.dense_bytes_final == d.kv.dense_bytes_final
 
 
-def test_a_method_that_adds_tokens_leaves_other_methods_unchanged(model):
-    """prepare() adds AnLLM's <AC> to the shared model and tokenizer; dense generates as before."""
+def test_a_method_that_adds_tokens_leaves_other_methods_prompts_unchanged(model):
+    """prepare() adds AnLLM's <AC> to the shared model and tokenizer; dense encodes as before (and, on
+    this model, generates the same tokens: the new row is not sampled here, which the docstring does
+    not promise in general)."""
     settings = ["generation.max_new_tokens=10", "+generation.stop_at_eos=false"]
     before = anchorcoder.generate(model, PROMPTS, *settings)
     anchored = anchorcoder.generate(model, PROMPTS, "method=anllm", "method.variant=ac", *settings)
@@ -63,3 +65,5 @@ def test_bad_overrides_are_refused_before_generating(model):
         anchorcoder.generate(model, PROMPTS, "method=l2norm", "method.compression_ratio=2")
     with pytest.raises(ConfigError, match="style"):
         anchorcoder.generate(model, PROMPTS, style="poetry")
+    with pytest.raises(ConfigError, match="drop model.dtype=float16"):
+        anchorcoder.evaluate("model.dtype=float16", model=model)

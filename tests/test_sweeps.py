@@ -98,7 +98,7 @@ def test_a_sweep_is_one_wandb_group_with_a_summary_run(tiny_sweep):
     assert all(r["summary"]["samples/nrows"] == 3 for r in evals)  # the per-sample table
     [summary] = [r for r in runs if r["job_type"] == "summary"]
     assert summary["summary"]["comparison/nrows"] == 4
-    assert summary["summary"]["sweep/finished"] == 4
+    assert summary["summary"]["sweep/finished"] == 4 and summary["summary"]["sweep/failed_jobs"] == 0
     assert {"tradeoff_humaneval_tiny-llama/_type", "peak_kv_humaneval_tiny-llama/_type"} <= set(summary["summary"])
 
 

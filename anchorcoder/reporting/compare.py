@@ -20,6 +20,21 @@ from anchorcoder.reporting.stats import bootstrap_interval, paired_comparison, w
 
 BUDGET_KEYS = ("compression_ratio", "max_tokens")  # always shown: they set an eviction method's budget
 NOT_OPTIONS = ("name",)
+# Settings that change no sample: runs that differ only in these share a table (and a dense reference)
+NOT_SETTINGS = ("generation.batch_size", "generation.continuous_batching", "benchmark.timeout_s")
+
+
+def setting_of(cfg: dict) -> dict:
+    """What makes two runs comparable problem by problem: the model, the benchmark's config, the
+    generation settings and seed, and the verdict rule; the method is what a table compares."""
+    flat = {}
+    for group in ("model", "benchmark", "generation"):
+        for key, value in (cfg.get(group) or {}).items():
+            if f"{group}.{key}" not in NOT_SETTINGS and key != "adapter":
+                flat[f"{group}.{key}"] = value
+    flat["seed"] = cfg.get("seed")
+    flat["execution.strict_equality"] = (cfg.get("execution") or {}).get("strict_equality", False)
+    return flat
 
 
 @dataclass
@@ -33,6 +48,8 @@ class Run:
     method_options: dict
     adapter: str | None
     finished: bool
+    setting: dict = field(default_factory=dict)  # see setting_of
+    table: str = ""  # the table's heading: benchmark, model and the settings that tell it from others
     metrics: dict = field(default_factory=dict)
     quality_key: str | None = None  # "pass@1" | "ppl"
     quality: float | None = None
@@ -51,11 +68,36 @@ class Run:
         return self.quality_key != "ppl"
 
     def row(self) -> dict:
-        keep = ("folder", "benchmark", "model", "method", "options", "adapter", "finished", "quality_key")
+        keep = ("folder", "table", "benchmark", "model", "method", "options", "adapter", "finished", "quality_key")
         out = {k: v for k, v in asdict(self).items() if k in keep}
         out.update(quality=self.quality, interval=list(self.interval) if self.interval else None)
         out.update(vs_dense=self.vs_dense, metrics=self.metrics)
         return out
+
+
+def flat_row(run: Run) -> dict:
+    """One run as a flat row (the W&B comparison table's columns)."""
+    m, c = run.metrics, run.vs_dense or {}
+    low, high = run.interval or (None, None)
+    return {
+        "table": run.table,
+        "method": run.method,
+        "options": run.options,
+        "adapter": run.adapter,
+        "finished": run.finished,
+        "quality_key": run.quality_key,
+        "quality": run.quality,
+        "interval_low": low,
+        "interval_high": high,
+        "kv_reduction_final": m.get("kv/reduction_final"),
+        "kv_reduction_peak": m.get("kv/reduction_peak"),
+        "decode_tokens_per_s": m.get("speed/decode_tokens_per_s"),
+        "wall_s": m.get("run/wall_s"),
+        "vs_dense_better": c.get("a_better"),
+        "vs_dense_worse": c.get("b_better"),
+        "vs_dense_p": c.get("p"),
+        "folder": run.folder,
+    }
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -65,7 +107,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if not path.exists():
             raise FileNotFoundError(f"no such run folder: {path}")
         for config in [path / "config.yaml", *path.rglob("config.yaml")]:
-            if config.exists() and ".hydra" not in config.parts and "wandb" not in config.parts:
+            inside = config.relative_to(path).parts
+            if config.exists() and ".hydra" not in inside and "wandb" not in inside:
                 found.add(config.parent)
     return sorted(found)
 
@@ -84,6 +127,7 @@ def read_run(folder: Path) -> Run | None:
         method_options={k: v for k, v in method.items() if k not in NOT_OPTIONS},
         adapter=cfg["model"].get("adapter"),
         finished=(folder / "metrics.json").exists() and (folder / "results.jsonl").exists(),
+        setting=setting_of(cfg),
     )
     if not run.finished:
         return run
@@ -103,6 +147,8 @@ def read_run(folder: Path) -> Run | None:
 
 def _score(run: Run, results: list[dict]) -> None:
     """Quality, its 95 % interval over problems, and the per-problem scores, from ``results.jsonl``."""
+    if not results:
+        return
     if results and "nll" in results[0]:  # teacher-forced perplexity: pooled over tokens, as the metric
         by_task = {r["task_id"]: (r["nll"], r["target_tokens"]) for r in results}
         pooled = lambda items: math.exp(sum(n for n, _ in items) / sum(t for _, t in items))  # noqa: E731
@@ -137,14 +183,28 @@ def label_options(runs: list[Run]) -> None:
             run.options = " ".join(f"{k}={run.method_options.get(k)}" for k in shown)
 
 
+def name_tables(runs: list[Run]) -> None:
+    """One table per setting: headed by benchmark and model, plus the settings that differ between
+    tables of the same benchmark (e.g. ``benchmark.limit=8`` against ``=20``)."""
+    by_benchmark = defaultdict(list)
+    for run in runs:
+        by_benchmark[(run.benchmark, run.model)].append(run)
+    for (benchmark, model), group in by_benchmark.items():
+        keys = sorted({k for r in group for k in r.setting})
+        varying = [k for k in keys if len({json.dumps(r.setting.get(k), sort_keys=True) for r in group}) > 1]
+        for run in group:
+            extra = ", ".join(f"{k}={run.setting.get(k)}" for k in varying)
+            run.table = f"{benchmark} ({model}{', ' + extra if extra else ''})"
+
+
 def compare_with_dense(runs: list[Run]) -> None:
-    """Pair every finished run with the dense run of its model and benchmark (the first one found)."""
+    """Pair every finished run with the (first) dense run of its table: same model, benchmark and settings."""
     dense = {}
     for run in runs:
         if run.finished and run.method == "dense" and not run.adapter:
-            dense.setdefault((run.model, run.benchmark), run)
+            dense.setdefault(run.table, run)
     for run in runs:
-        reference = dense.get((run.model, run.benchmark))
+        reference = dense.get(run.table)
         if run.finished and reference is not None and reference is not run:
             run.vs_dense = paired_comparison(run.per_problem, reference.per_problem, run.higher_is_better)
 
@@ -152,9 +212,10 @@ def compare_with_dense(runs: list[Run]) -> None:
 def collect(paths: list[Path]) -> list[Run]:
     runs = [r for r in (read_run(f) for f in find_runs(paths)) if r is not None]
     label_options(runs)
+    name_tables(runs)
     compare_with_dense(runs)
     order = {"dense": 0}
-    runs.sort(key=lambda r: (r.benchmark, r.model, order.get(r.method, 1), r.method, bool(r.adapter), r.options))
+    runs.sort(key=lambda r: (r.table, order.get(r.method, 1), r.method, bool(r.adapter), r.options))
     return runs
 
 
@@ -175,22 +236,28 @@ def _paired_cell(run: Run) -> str:
     if run.vs_dense is None:
         return "-"
     c = run.vs_dense
-    return f"+{c['a_better']} / -{c['b_better']} (p={c['p']:.2g})"
+    partial = f", {c['shared']} shared problems" if c["shared"] < len(run.per_problem) else ""
+    return f"+{c['a_better']} / -{c['b_better']} (p={c['p']:.2g}{partial})"
+
+
+def tables(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by table (see name_tables), in the runs' order."""
+    grouped = defaultdict(list)
+    for run in runs:
+        grouped[run.table].append(run)
+    return grouped
 
 
 def markdown(runs: list[Run]) -> str:
     lines = []
-    groups = defaultdict(list)
-    for run in runs:
-        groups[(run.benchmark, run.model)].append(run)
-    for (benchmark, model), group in groups.items():
+    for title, group in tables(runs).items():
         finished = [r for r in group if r.finished]
-        n = {r.metrics.get("quality/problems") or len(r.per_problem) for r in finished}
-        size = f", {'/'.join(str(x) for x in sorted(n))} problems" if n else ""
+        n = {len(r.per_problem) for r in finished}
+        size = f": {'/'.join(str(x) for x in sorted(n))} problems" if n else ""
         key = next((r.quality_key for r in finished), None)
         head = "ppl (lower is better) [95 % CI]" if key == "ppl" else "pass@1 [95 % CI]"
         lines += [
-            f"### {benchmark} ({model}{size})",
+            f"### {title}{size}",
             "",
             f"| method | options | adapter | {head} | KV red. final | KV red. peak | decode tok/s | wall s "
             "| vs dense: better / worse (sign test) |",
@@ -198,10 +265,9 @@ def markdown(runs: list[Run]) -> str:
         ]
         for run in group:
             adapter = Path(run.adapter).name if run.adapter else "-"
-            if not run.finished:
-                lines.append(
-                    f"| {run.method} | {run.options or '-'} | {adapter} | unfinished: `{run.folder}` | | | | | |"
-                )
+            if not run.finished or run.quality is None:
+                state = "unfinished" if not run.finished else "no samples"
+                lines.append(f"| {run.method} | {run.options or '-'} | {adapter} | {state}: `{run.folder}` | | | | | |")
                 continue
             m = run.metrics
             lines.append(

@@ -5,6 +5,7 @@ Every line is labelled at its end, so a figure reads without hunting through a l
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,32 +14,36 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from anchorcoder.reporting.compare import Run  # noqa: E402
+from anchorcoder.reporting.compare import BUDGET_KEYS, Run, tables  # noqa: E402
 
 
-def _by_benchmark(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
-    groups = defaultdict(list)
-    for run in runs:
-        if run.finished:
-            groups[(run.benchmark, run.model)].append(run)
-    return groups
+def _scored(runs: list[Run]) -> dict[str, list[Run]]:
+    """Finished runs with a quality, by table; one figure per table."""
+    scored = [r for r in runs if r.finished and r.quality is not None]
+    return {title: group for title, group in tables(scored).items()}
 
 
 def _series(runs: list[Run]) -> dict[str, list[Run]]:
-    """One series per method (and adapter): its budgets become one line."""
+    """One line per method, options other than the budget, and adapter: its budgets become the line."""
     series = defaultdict(list)
     for run in runs:
-        series[run.method + (" trained" if run.adapter else "")].append(run)
+        options = " ".join(o for o in run.options.split(" ") if o and o.split("=")[0] not in BUDGET_KEYS)
+        adapter = f" trained ({Path(run.adapter).name})" if run.adapter else ""
+        series[" ".join(x for x in (run.method, options) if x) + adapter].append(run)
     return series
+
+
+def _file_name(title: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", title).strip("_")[:80]
 
 
 def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
     """Per benchmark: quality vs measured KV reduction, at the end of generation and at the peak."""
     paths = []
-    for (benchmark, model), group in _by_benchmark(runs).items():
+    for title, group in _scored(runs).items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         ppl = group[0].quality_key == "ppl"
-        for ax, key, title in zip(
+        for ax, key, when in zip(
             axes, ("kv/reduction_final", "kv/reduction_peak"), ("at the end of generation", "at the peak"), strict=True
         ):
             for index, (name, members) in enumerate(sorted(_series(group).items())):
@@ -49,15 +54,15 @@ def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
                 color = f"C{index % 10}"
                 ax.errorbar(x, y, yerr=errors, color=color, marker="osD^v<>ph*"[index % 10], capsize=2, lw=1.2)
                 ax.annotate(name, (x[-1], y[-1]), xytext=(4, 4), textcoords="offset points", color=color, fontsize=8)
-            ax.set_xlabel(f"measured KV reduction {title}")
+            ax.set_xlabel(f"measured KV reduction {when}")
             ax.set_xlim(-0.05, 1.05)
             ax.grid(alpha=0.3)
         if ppl:
             axes[0].set_yscale("log")
         axes[0].set_ylabel("perplexity (lower is better)" if ppl else "pass@1")
-        fig.suptitle(f"{benchmark} ({model}): quality vs measured KV reduction; bars = 95 % CI over problems")
+        fig.suptitle(f"{title}: quality vs measured KV reduction; bars = 95 % CI over problems", fontsize=10)
         fig.tight_layout()
-        path = out / f"tradeoff_{benchmark}_{model}.png"
+        path = out / f"tradeoff_{_file_name(title)}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
@@ -67,7 +72,7 @@ def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
 def plot_context_peaks(runs: list[Run], out: Path) -> list[Path]:
     """Per benchmark: each sample's peak KV bytes against its context (prompt + generated tokens)."""
     paths = []
-    for (benchmark, model), group in _by_benchmark(runs).items():
+    for title, group in _scored(runs).items():
         group = [r for r in group if r.contexts]
         if not group:
             continue
@@ -82,9 +87,9 @@ def plot_context_peaks(runs: list[Run], out: Path) -> list[Path]:
         ax.set_xlabel("context: prompt + generated tokens")
         ax.set_ylabel("peak KV cache held (MiB)")
         ax.grid(alpha=0.3)
-        ax.set_title(f"{benchmark} ({model}): peak KV bytes per sample")
+        ax.set_title(f"{title}: peak KV bytes per sample", fontsize=10)
         fig.tight_layout()
-        path = out / f"peak_kv_{benchmark}_{model}.png"
+        path = out / f"peak_kv_{_file_name(title)}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)

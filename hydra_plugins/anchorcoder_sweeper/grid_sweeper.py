@@ -21,6 +21,7 @@ import itertools
 import logging
 import re
 import shlex
+from functools import partial
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -33,6 +34,11 @@ from anchorcoder.registry import ConfigError
 from anchorcoder.sweep import finish_sweep
 
 log = logging.getLogger(__name__)
+
+
+def _key(override: str) -> str:
+    """The config key an override sets (``+a.b=1``, ``++a.b=1``, ``~a.b`` and ``a.b=1`` all set ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 class SweepError(CompactHydraException):
@@ -77,29 +83,42 @@ class GridSweeper(BasicSweeper):
     def jobs(self, arguments: list[str]) -> list[list[str]]:
         """The overrides of every job: the axes crossed, then ``extra``, each with the command line's."""
         command_line = self._expand([*self._parse_config(), *arguments])
-        axes = [[p for p in map(self._point, points) if p is not None] for points in self.axes.values()]
-        axes = [axis for axis in axes if axis]
-        bases = [sum(combo, []) for combo in itertools.product(*axes)] if axes else ([] if self.extra else [[]])
-        bases += [p for p in map(self._point, self.extra) if p is not None]
+        axes = []
+        for name, points in self.axes.items():
+            kept = [p for p in map(self._point, points) if p is not None]
+            if not kept:
+                raise SweepError(f"error: every point of the sweep's axis '{name}' was left out (their keys are null)")
+            axes.append(kept)
+        bases = [combo for combo in itertools.product(*axes)] if axes else ([] if self.extra else [()])
+        bases += [(p,) for p in map(self._point, self.extra) if p is not None]
         jobs = []
-        for base in bases:
-            for inner in self._expand(base):
-                keys = {o.split("=", 1)[0].lstrip("+~") for o in inner}
+        for parts in bases:
+            seen = {}
+            for part in parts:  # two axes may not set the same key: one would silently win
+                for key in map(_key, part):
+                    if key in seen and seen[key] is not part:
+                        raise SweepError(f"error: two axes of the sweep both set {key}")
+                    seen[key] = part
+            for inner in self._expand(sum(parts, [])):
                 for outer in command_line:
-                    clash = sorted(keys & {o.split("=", 1)[0].lstrip("+~") for o in outer})
+                    clash = sorted(set(map(_key, inner)) & set(map(_key, outer)))
                     if clash:
                         raise SweepError(
                             f"error: the sweep's grid already sets {', '.join(clash)}; leave it off the command line "
                             "or pick another grid (configs/sweep/)"
                         )
                     jobs.append([*inner, *outer])
+        if not jobs:
+            raise SweepError("error: the sweep has no jobs (every extra point was left out)")
         return jobs
 
     def validate_jobs(self, jobs: list[list[str]]) -> None:
-        """Compose every job and run the task's own validation, so a bad value stops the sweep before
-        any model loads (naming the job), not after hours of earlier jobs."""
+        """Compose every job and run the task's own checks (config values, data files, model folders),
+        so a bad job stops the sweep before any model loads, not after hours of earlier jobs."""
         from anchorcoder.evaluation import validate
+        from anchorcoder.models import locate_model
 
+        checked = set()
         for number, overrides in enumerate(jobs):
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             if cfg.get("task_name") != "eval":
@@ -108,7 +127,15 @@ class GridSweeper(BasicSweeper):
             container.pop("hydra", None)
             container = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
             try:
-                validate(container)
+                parts = validate(container)
+                for kind, section, check in (
+                    ("benchmark", container["benchmark"], parts.benchmark.preload),
+                    ("model", container["model"], partial(locate_model, container["model"])),
+                ):
+                    key = (kind, repr(sorted(section.items())))
+                    if key not in checked:  # each data file and model folder once
+                        check()
+                        checked.add(key)
             except ConfigError as error:
                 raise SweepError(f"error: sweep job {number} ({' '.join(overrides)}): {error}") from None
 
@@ -131,9 +158,14 @@ class GridSweeper(BasicSweeper):
             returns.append(results)
             for number, result in enumerate(results, start):
                 if result.status == JobStatus.FAILED:
-                    failed.append(f"job {number} ({' '.join(result.overrides)}): {result._return_value!r}")
+                    error = result._return_value
+                    log.error("sweep job %d failed", number, exc_info=(type(error), error, error.__traceback__))
+                    failed.append(f"job {number} ({' '.join(result.overrides)}): {error!r}")
         if self.report:
-            finish_sweep(self.config, sweep_dir)
+            try:
+                finish_sweep(self.config, sweep_dir, failed)
+            except Exception:  # the jobs' own folders hold every result; `python -m anchorcoder.report` redoes it
+                log.exception("sweep: the report failed (redo it with python -m anchorcoder.report %s)", sweep_dir)
         if failed:
             raise SweepError(f"{len(failed)} of {len(jobs)} sweep jobs failed:\n  " + "\n  ".join(failed))
         return returns
