@@ -33,6 +33,13 @@ def _series(runs: list[Run]) -> dict[str, list[Run]]:
     return series
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _file_name(title: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", title).strip("_")[:80]
 
@@ -61,11 +68,7 @@ def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
             axes[0].set_yscale("log")
         axes[0].set_ylabel("perplexity (lower is better)" if ppl else "pass@1")
         fig.suptitle(f"{title}: quality vs measured KV reduction; bars = 95 % CI over problems", fontsize=10)
-        fig.tight_layout()
-        path = out / f"tradeoff_{_file_name(title)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"tradeoff_{_file_name(title)}.png"))
     return paths
 
 
@@ -88,9 +91,5 @@ def plot_context_peaks(runs: list[Run], out: Path) -> list[Path]:
         ax.set_ylabel("peak KV cache held (MiB)")
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}: peak KV bytes per sample", fontsize=10)
-        fig.tight_layout()
-        path = out / f"peak_kv_{_file_name(title)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"peak_kv_{_file_name(title)}.png"))
     return paths
