@@ -16,7 +16,7 @@ import yaml
 from conftest import CONFIGS, ROOT, compose_config, wandb_records
 
 from anchorcoder.evaluation import validate
-from anchorcoder.reporting.compare import collect, write_report
+from anchorcoder.reporting.compare import collect, side_by_side, write_report
 from anchorcoder.reporting.stats import bootstrap_interval, paired_comparison, sign_test, wilson_interval
 
 TINY_GRID = """# @package _global_
@@ -165,6 +165,22 @@ def test_the_report_pairs_runs_with_dense(tiny_sweep, tmp_path):
     for run in compressed:
         solved = int(sum(run.per_problem.values()))
         assert run.vs_dense == {"shared": 3, "a_better": 0, "b_better": 3 - solved, "p": sign_test(0, 3 - solved)}
+
+
+def test_runs_of_another_setting_get_their_own_table_and_column(tiny_sweep, tmp_path):
+    job = next(p for p in sorted(tiny_sweep.iterdir()) if (p / "metrics.json").exists())
+    other = tmp_path / "other"
+    shutil.copytree(job, other, ignore=shutil.ignore_patterns("wandb"))
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["generation"]["max_new_tokens"] = 16  # another setting: not comparable problem by problem
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = collect([tiny_sweep, other])
+    assert len({r.table for r in runs}) == 2
+    assert [r.table for r in runs if r.folder == str(other)] == ["humaneval (tiny-llama, generation.max_new_tokens=16)"]
+    wide = side_by_side(runs).splitlines()
+    header = next(line for line in wide if line.startswith("| method"))
+    assert "generation.max_new_tokens=8" in header and "generation.max_new_tokens=16" in header
+    assert len([line for line in wide if line.startswith("| l2norm") or line.startswith("| streamingllm")]) == 4
 
 
 def test_the_sweep_refuses_a_bad_job_before_any_model_loads(tmp_path):

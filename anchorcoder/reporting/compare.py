@@ -285,6 +285,34 @@ def markdown(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def side_by_side(runs: list[Run]) -> str:
+    """Every method (with its options and adapter) in one row, every table in one column: quality
+    (KV reduction final / peak). The comparison at a glance; the per-table sections hold the rest."""
+    titles = list(tables(runs))
+    if len(titles) < 2:
+        return ""
+    rows: dict[tuple, dict[str, str]] = {}
+    for run in runs:
+        if not run.finished or run.quality is None:
+            continue
+        key = (run.method, run.options or "-", Path(run.adapter).name if run.adapter else "-")
+        value = f"{run.quality:.2f}" if run.quality_key == "ppl" else f"{run.quality:.3f}"
+        m = run.metrics
+        cell = f"{value} ({m.get('kv/reduction_final', 0):.2f} / {m.get('kv/reduction_peak', 0):.2f})"
+        rows.setdefault(key, {})[run.table] = cell
+    order = {"dense": 0}
+    lines = [
+        "| method | options | adapter | " + " | ".join(titles) + " |",
+        "|---|---|---|" + "---|" * len(titles),
+    ]
+    for key in sorted(rows, key=lambda k: (order.get(k[0], 1), k)):
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(rows[key].get(t, "") for t in titles) + " |")
+    return (
+        "Each cell: quality (measured KV reduction at the end / at the peak); ppl for code_ppl (lower is "
+        "better), pass@1 otherwise.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def write_report(paths: list[Path], out: Path, plots: bool = True) -> tuple[list[Run], list[Path]]:
     """Write ``report.md``, ``report.json`` and (with ``plots``) the PNG plots into ``out``."""
     runs = collect(paths)
@@ -294,7 +322,8 @@ def write_report(paths: list[Path], out: Path, plots: bool = True) -> tuple[list
         from anchorcoder.reporting.plots import plot_context_peaks, plot_tradeoff
 
         images = [*plot_tradeoff(runs, out), *plot_context_peaks(runs, out)]
-    text = "# Report\n\n" + markdown(runs)
+    wide = side_by_side(runs)
+    text = "# Report\n\n" + (f"## Side by side\n\n{wide}\n## Per benchmark\n\n" if wide else "") + markdown(runs)
     if images:
         text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
     (out / "report.md").write_text(text)
