@@ -5,6 +5,7 @@ Every line is labelled at its end, so a figure reads without hunting through a l
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -33,8 +34,8 @@ def _series(runs: list[Run]) -> dict[str, list[Run]]:
     return series
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, right: float = 1.0) -> Path:
+    fig.tight_layout(rect=(0, 0, right, 1))  # right < 1 leaves room for a figure legend
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -48,19 +49,34 @@ def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
     """Per benchmark: quality vs measured KV reduction, at the end of generation and at the peak."""
     paths = []
     for title, group in _scored(runs).items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), sharey=True)
         ppl = group[0].quality_key == "ppl"
         for ax, key, when in zip(
             axes, ("kv/reduction_final", "kv/reduction_peak"), ("at the end of generation", "at the peak"), strict=True
         ):
+            stacked: dict[tuple, int] = {}
+            values = [math.log(r.quality) if ppl else r.quality for r in group]
+            low, span = min(values), (max(values) - min(values)) or 1.0
+            scale = lambda q: ((math.log(q) if ppl else q) - low) / span  # noqa: E731, B023
             for index, (name, members) in enumerate(sorted(_series(group).items())):
                 members = sorted(members, key=lambda r: r.metrics.get(key, 0.0))
                 x = [r.metrics.get(key, 0.0) for r in members]
                 y = [r.quality for r in members]
                 errors = [[r.quality - r.interval[0] for r in members], [r.interval[1] - r.quality for r in members]]
                 color = f"C{index % 10}"
-                ax.errorbar(x, y, yerr=errors, color=color, marker="osD^v<>ph*"[index % 10], capsize=2, lw=1.2)
-                ax.annotate(name, (x[-1], y[-1]), xytext=(4, 4), textcoords="offset points", color=color, fontsize=8)
+                ax.errorbar(
+                    x, y, yerr=errors, color=color, marker="osD^v<>ph*"[index % 10], capsize=2, lw=1.2, label=name
+                )
+                spot = (round(x[-1] * 8), round(scale(y[-1]) * 12))  # labels that would land together are stacked
+                stacked[spot] = stacked.get(spot, -1) + 1
+                ax.annotate(
+                    name,
+                    (x[-1], y[-1]),
+                    xytext=(4, 4 + 9 * stacked[spot]),
+                    textcoords="offset points",
+                    color=color,
+                    fontsize=8,
+                )
             ax.set_xlabel(f"measured KV reduction {when}")
             ax.set_xlim(-0.05, 1.05)
             ax.grid(alpha=0.3)
@@ -68,7 +84,8 @@ def plot_tradeoff(runs: list[Run], out: Path) -> list[Path]:
             axes[0].set_yscale("log")
         axes[0].set_ylabel("perplexity (lower is better)" if ppl else "pass@1")
         fig.suptitle(f"{title}: quality vs measured KV reduction; bars = 95 % CI over problems", fontsize=10)
-        paths.append(_save(fig, out / f"tradeoff_{_file_name(title)}.png"))
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7, frameon=False)
+        paths.append(_save(fig, out / f"tradeoff_{_file_name(title)}.png", right=0.8))
     return paths
 
 
