@@ -33,7 +33,8 @@ def sweep_cli(cwd: Path, *overrides: str, wandb_mode: str = "disabled") -> subpr
     return subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), "-m", *overrides],
         cwd=cwd,
-        env={**os.environ, "WANDB_MODE": wandb_mode},
+        # its own W&B service: an in-process test's WANDB_SERVICE would write these runs' files asynchronously
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "WANDB_MODE": wandb_mode},
         capture_output=True,
         text=True,
         timeout=600,
