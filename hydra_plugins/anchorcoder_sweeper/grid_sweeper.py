@@ -1,5 +1,6 @@
-"""``eval.py -m``'s sweeper (Hydra finds it here, in ``hydra_plugins``): named grids of whole jobs, every job validated before the first one runs,
-and a comparison report (plus a W&B summary run) when the sweep ends.
+"""``eval.py -m``'s sweeper (Hydra loads sweepers only from ``hydra_plugins``): named grids of whole
+jobs, every job validated before the first one runs, and a comparison report (plus a W&B summary run)
+when the sweep ends.
 
 Hydra's basic sweeper crosses every swept key with every other, so ``method=dense,l2norm
 method.compression_ratio=0.5`` fails on dense (it has no ratio). Here a grid is made of *points*: one
