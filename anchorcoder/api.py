@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from anchorcoder.benchmarks.base import chat_prompt, encode_prompt
 from anchorcoder.generation.engine import GenerationEngine, SampleResult
 from anchorcoder.methods import KVMethod, build_method
 from anchorcoder.models import LoadedModel, load_model
@@ -34,9 +35,10 @@ from anchorcoder.registry import ConfigError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def compose(*overrides: str, task: str = "eval") -> dict:
+def compose(*overrides: str, task: str = "eval", check: bool = True) -> dict:
     """The config ``eval.py`` (or ``train.py``: ``task="train"``) would run with these overrides,
-    resolved to plain containers; an eval config is validated (a bad key or value raises ConfigError)."""
+    resolved to plain containers; an eval config is validated unless ``check=False`` (a bad key or
+    value raises ConfigError)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -47,7 +49,7 @@ def compose(*overrides: str, task: str = "eval") -> dict:
         )
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = OmegaConf.to_container(hydra_compose(config_name=task, overrides=list(overrides)), resolve=True)
-    if task == "eval":
+    if task == "eval" and check:
         from anchorcoder.evaluation import validate
 
         validate(cfg)
@@ -72,17 +74,11 @@ def encode(model: LoadedModel, method: KVMethod, texts: list[str], style: str | 
     is a chat model) each text is one user message under the chat template; ``completion`` takes the
     text as is, with the tokenizer's special tokens (BOS). The method inserts its own tokens."""
     style = style or model.config.get("prompt_style", "completion")
-    if style == "chat":
-        tokenizer = model.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("style=chat needs a tokenizer with a chat template; use style='completion'")
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-            for t in texts
-        ]
-    elif style != "completion":
+    if style not in ("chat", "completion"):
         raise ConfigError(f"style must be chat or completion; got '{style}'")
-    return [method.encode(model.tokenizer, t, add_special_tokens=(style == "completion")) for t in texts]
+    if style == "chat":
+        texts = [chat_prompt(model.tokenizer, t) for t in texts]
+    return [encode_prompt(method, model.tokenizer, t, style) for t in texts]
 
 
 def generate(
@@ -95,7 +91,7 @@ def generate(
     """
     from anchorcoder.evaluation.run import validate, warn_untrained
 
-    cfg = compose(*overrides)
+    cfg = compose(*overrides, check=False)
     parts = validate(cfg)
     method = prepare(model, parts.method)
     warn_untrained(method, cfg["method"], model.config.get("adapter"))

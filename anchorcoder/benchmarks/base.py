@@ -24,6 +24,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMPT_STYLES = ("completion", "chat")
 
 
+def chat_prompt(tokenizer, content: str) -> str:
+    """``content`` as one user message under the tokenizer's chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("model.prompt_style=chat needs a tokenizer with a chat template; use completion")
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(method, tokenizer, text: str, style: str) -> list[int]:
+    """A rendered prompt's ids as ``method`` feeds them; special tokens (BOS) only for raw completion
+    prompts, since a chat template writes its own."""
+    return method.encode(tokenizer, text, add_special_tokens=(style == "completion"))
+
+
 @dataclass
 class Problem:
     task_id: str
@@ -76,10 +90,7 @@ class Benchmark:
         """Prompt text for ``completion`` (raw) or ``chat`` (the tokenizer's chat template) models."""
         if style == "completion":
             return problem.prompt
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("model.prompt_style=chat needs a tokenizer with a chat template; use completion")
-        messages = [{"role": "user", "content": self.chat_message(problem)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(tokenizer, self.chat_message(problem))
 
     def stop_strings(self, style: str) -> tuple[str, ...]:
         return self.stop if style == "completion" else ()  # chat answers end at EOS

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from anchorcoder.benchmarks import Benchmark, ExecutionSettings, build_benchmark
-from anchorcoder.benchmarks.base import ExecutionBenchmark
+from anchorcoder.benchmarks.base import ExecutionBenchmark, encode_prompt
 from anchorcoder.evaluation.scoring import check_pass_k, pass_at_k
 from anchorcoder.generation.engine import GenerationEngine, GenerationSettings, RunStats, check_batching
 from anchorcoder.methods import KVMethod, build_method
@@ -184,11 +184,10 @@ def finished_samples(out: Path, config: dict) -> dict[tuple[str, int], dict]:
 
 def benchmark_inputs(benchmark: Benchmark, method: KVMethod, tokenizer, style: str):
     """A benchmark's problems as the engine takes them: the prompts rendered in ``style`` and encoded
-    as ``method`` feeds them (special tokens only for raw completion prompts: a chat template has its
-    own), the stop strings, and for perplexity benchmarks the teacher-forced targets."""
+    as ``method`` feeds them, the stop strings, and for perplexity benchmarks the teacher-forced targets."""
     problems = benchmark.problems(tokenizer)
     prompts = [benchmark.render_prompt(p, style, tokenizer) for p in problems]
-    prompt_ids = [method.encode(tokenizer, text, add_special_tokens=(style == "completion")) for text in prompts]
+    prompt_ids = [encode_prompt(method, tokenizer, text, style) for text in prompts]
     targets = None
     if benchmark.kind == "perplexity":
         # as the method would have generated them: AnLLM-AC's <AC> in the text; span's sentinels are fed by the engine
