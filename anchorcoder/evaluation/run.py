@@ -6,11 +6,17 @@ Run folder (Hydra's output dir) after a run:
 - ``run_info.json``      library versions, model revision, device, seed, git commit, benchmark, sandbox
 - ``generations.jsonl``  one line per sample, appended as each finishes (the resume log)
 - ``engine_stats.json``  the engine's timings, summed over every invocation that added samples
+  (data-parallel: rank K > 0 keeps its own ``engine_stats.rank<K>.json``)
 - ``results.jsonl``      one line per sample: completion, passed + reason (or nll), KV figures
 - ``metrics.json``       written last: its presence marks a finished run
 
 Re-running into the same folder (``hydra.run.dir=<folder>``) skips the samples already in
 ``generations.jsonl``; the config must match, except for keys that do not change a sample.
+
+Data-parallel (``torchrun --nproc_per_node N eval.py ...``, see :mod:`anchorcoder.distributed`): the
+samples still to generate are dealt round-robin to the ranks; rank K appends to
+``generations.rank<K>.jsonl``. Rank 0 merges every log into ``generations.jsonl`` (at the start, which
+is how a run resumes at any world size, and at the end), scores, writes the files and logs once.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from anchorcoder import distributed
 from anchorcoder.benchmarks import Benchmark, ExecutionSettings, build_benchmark
 from anchorcoder.benchmarks.base import ExecutionBenchmark, encode_prompt
 from anchorcoder.evaluation.scoring import check_pass_k, pass_at_k
@@ -38,7 +45,7 @@ from anchorcoder.methods import KVMethod, build_method
 from anchorcoder.models import check_model_config, load_model, locate_model
 from anchorcoder.registry import ConfigError, load_all
 from anchorcoder.reporting import kv_and_speed_metrics, print_table
-from anchorcoder.tracking import Tracker, build_tracker
+from anchorcoder.tracking import NoTracker, Tracker, build_tracker
 
 log = logging.getLogger(__name__)
 
@@ -151,35 +158,64 @@ def _flatten(cfg: dict, prefix: str = "") -> dict:
     return flat
 
 
-def finished_samples(out: Path, config: dict) -> dict[tuple[str, int], dict]:
-    """Samples a previous run left in ``out``, by (task_id, sample index); {} for a new folder.
+def check_resumable(out: Path, config: dict) -> None:
+    """Refuse a folder holding samples of a config that differs in anything that changes a sample."""
+    saved_config = out / "config.yaml"
+    if not saved_config.exists() or not any(out.glob("generations*.jsonl")):
+        return
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(saved_config), resolve=False))
+    now = _flatten(config)
+    ignored = lambda k: any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES)  # noqa: E731
+    differ = sorted(k for k in set(before) | set(now) if not ignored(k) and before.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(
+            f"{out} holds samples of a different config (differs at {', '.join(differ[:5])}); "
+            "resume with the same config, or pick a new run folder"
+        )
 
-    Refuses a folder whose config differs in anything that changes a sample. A line torn by an
-    interrupt is dropped (and the file rewritten without it).
+
+def generation_log(out: Path, ranks: distributed.Ranks) -> Path:
+    return out / (f"generations.rank{ranks.rank}.jsonl" if ranks.parallel else "generations.jsonl")
+
+
+def stats_file(out: Path, rank: int) -> Path:
+    return out / ("engine_stats.json" if rank == 0 else f"engine_stats.rank{rank}.json")
+
+
+def merge_generation_logs(out: Path) -> dict[tuple[str, int], dict]:
+    """Every sample in ``out``'s logs, by (task_id, sample index), now all in ``generations.jsonl``.
+
+    Reads ``generations.jsonl`` and the ranks' ``generations.rank<K>.jsonl``, drops lines torn by an
+    interrupt, rewrites ``generations.jsonl`` with every sample and removes the rank logs.
     """
-    log, saved_config = out / "generations.jsonl", out / "config.yaml"
-    if not log.exists():
-        return {}
-    if saved_config.exists():
-        before = _flatten(OmegaConf.to_container(OmegaConf.load(saved_config), resolve=False))
-        now = _flatten(config)
-        ignored = lambda k: any(k == i or k.startswith(i + ".") for i in RESUME_IGNORES)  # noqa: E731
-        differ = sorted(k for k in set(before) | set(now) if not ignored(k) and before.get(k) != now.get(k))
-        if differ:
-            raise ConfigError(
-                f"{out} holds samples of a different config (differs at {', '.join(differ[:5])}); "
-                "resume with the same config, or pick a new run folder"
-            )
-    records, good_lines = {}, []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn by an interrupt
-        records[(record["task_id"], record["sample_index"])] = record
-        good_lines.append(line)
-    log.write_text("".join(x + "\n" for x in good_lines))
+    merged = out / "generations.jsonl"
+    rank_logs = sorted(out.glob("generations.rank*.jsonl"))
+    records = {}
+    for log_file in [merged, *rank_logs]:
+        if not log_file.exists():
+            continue
+        for line in log_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by an interrupt
+            records[(record["task_id"], record["sample_index"])] = record
+    if merged.exists() or rank_logs:
+        tmp = out / "generations.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+        os.replace(tmp, merged)
+        for log_file in rank_logs:
+            log_file.unlink()
     return records
+
+
+def read_samples(out: Path) -> dict[tuple[str, int], dict]:
+    """The samples in ``generations.jsonl`` (after :func:`merge_generation_logs`), by (task_id, sample index)."""
+    log_file = out / "generations.jsonl"
+    if not log_file.exists():
+        return {}
+    records = (json.loads(line) for line in log_file.read_text().splitlines())
+    return {(r["task_id"], r["sample_index"]): r for r in records}
 
 
 def benchmark_inputs(benchmark: Benchmark, method: KVMethod, tokenizer, style: str):
@@ -211,22 +247,40 @@ def warn_untrained(method: KVMethod, method_cfg: dict, adapter: str | None) -> N
 
 def run_eval(cfg: DictConfig | dict, output_dir: str | Path, loaded=None) -> dict:
     """Evaluate; returns the metrics dict (also written to ``metrics.json``). ``loaded``: a model
-    already loaded from this config's ``model`` (:func:`anchorcoder.load`), used instead of loading."""
+    already loaded from this config's ``model`` (:func:`anchorcoder.load`), used instead of loading.
+    Launched as several processes (torchrun), each generates its share and every rank returns the metrics."""
+    ranks, started_group = distributed.start()
+    try:
+        return _run_eval(cfg, Path(output_dir), loaded, ranks)
+    finally:
+        distributed.stop(started_group)
+
+
+def _run_eval(cfg: DictConfig | dict, out: Path, loaded, ranks: distributed.Ranks) -> dict:
     started = time.perf_counter()
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    out = Path(output_dir)
+    own_dir, out = out, Path(distributed.from_main(ranks, str(out)))  # Hydra's timestamp may differ per rank
+    if own_dir != out:
+        discard_unfinished_run_dir(own_dir)
     try:
         parts = validate(container)
-        previous = finished_samples(out, container)
+        check_resumable(out, container)
         parts.benchmark.preload()  # a bad data file is refused before the model loads
         if loaded is None:
             locate_model(container["model"])
     except ConfigError:
-        discard_unfinished_run_dir(out)
+        if ranks.main:
+            discard_unfinished_run_dir(out)
         raise
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
-    (out / "metrics.json").unlink(missing_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+        (out / "metrics.json").unlink(missing_ok=True)
+        merge_generation_logs(out)  # an interrupted run's rank logs, whatever its world size
+    else:
+        parts.tracker = NoTracker()  # rank 0 logs for all
+    distributed.barrier(ranks)
+    previous = read_samples(out)
     torch.manual_seed(parts.settings.seed)
 
     model_cfg, method, benchmark = container["model"], parts.method, parts.benchmark
@@ -235,23 +289,31 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path, loaded=None) -> dic
     failed = True
     try:
         if loaded is None:
-            loaded = load_model(model_cfg, container.get("device", "auto"))
+            loaded = load_model(model_cfg, ranks.device(container.get("device", "auto")))
         model, tokenizer = loaded.model, loaded.tokenizer
         info = run_info(container, loaded.info)
+        info["processes"] = ranks.world_size
         style = benchmark.prompt_style or model_cfg["prompt_style"]
         info["benchmark"] = {**benchmark.describe(), "prompt_style": style}
-        write_json(out / "run_info.json", info)
+        if ranks.main:
+            write_json(out / "run_info.json", info)
         method.prepare(model, tokenizer)
         warn_untrained(method, container["method"], model_cfg.get("adapter"))
         problems, prompt_ids, parts.settings.stop, targets = benchmark_inputs(benchmark, method, tokenizer, style)
         engine = GenerationEngine(model, tokenizer, method, parts.settings)
-        stats_path = out / "engine_stats.json"
-        if previous and stats_path.exists():  # timings of the samples generated before an interrupt
-            engine.stats = RunStats(**json.loads(stats_path.read_text()))
+        own_stats = stats_file(out, ranks.rank)
+        if previous and own_stats.exists():  # timings of the samples this rank generated before an interrupt
+            engine.stats = RunStats(**json.loads(own_stats.read_text()))
 
-        records, resumed = _generate_with_progress(
-            engine, problems, prompt_ids, targets, benchmark, style, out, previous
+        wanted, resumed = _generate_with_progress(
+            engine, problems, prompt_ids, targets, benchmark, style, out, previous, ranks, own_stats
         )
+        distributed.barrier(ranks)  # every rank's samples are in its log
+        if not ranks.main:
+            failed = False
+            return distributed.from_main(ranks, None)
+        everything = merge_generation_logs(out)
+        records = [everything[key] for key in wanted]
         if benchmark.kind == "perplexity":
             sources = {p.task_id: p.data["source"] for p in problems}
             results = [_perplexity_result(r, sources[r["task_id"]], method.hidden_token_ids) for r in records]
@@ -270,11 +332,13 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path, loaded=None) -> dic
             f.writelines(json.dumps(r) + "\n" for r in results)
         os.replace(out / "results.jsonl.tmp", out / "results.jsonl")
 
-        metrics.update(kv_and_speed_metrics(records, engine.stats, method.hidden_token_ids))
+        lanes = [RunStats(**json.loads(f.read_text())) for f in sorted(out.glob("engine_stats*.json"))]
+        metrics.update(kv_and_speed_metrics(records, lanes, method.hidden_token_ids))
         metrics["run/resumed_samples"] = resumed
         metrics["run/wall_s"] = time.perf_counter() - started  # model load included
         write_json(out / "metrics.json", metrics)
-        caption = f"{len(problems)} problems x {parts.settings.n_samples} samples, {style} prompts; {out}"
+        processes = f", {ranks.world_size} processes" if ranks.parallel else ""
+        caption = f"{len(problems)} problems x {parts.settings.n_samples} samples, {style} prompts{processes}; {out}"
         print_table(run_name, metrics, caption=caption)
         parts.tracker.log_metrics(metrics)
         columns = list(results[0]) if results else []
@@ -282,13 +346,14 @@ def run_eval(cfg: DictConfig | dict, output_dir: str | Path, loaded=None) -> dic
             "samples", columns, [[json.dumps(v) if isinstance(v, dict) else v for v in r.values()] for r in results]
         )
         failed = False
-        return metrics
+        return distributed.from_main(ranks, metrics)
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: finished samples are saved in {out / 'generations.jsonl'}; "
-            f"re-run with the same overrides and hydra.run.dir={out} to continue",
-            file=sys.stderr,
-        )
+        if ranks.main:
+            print(
+                f"\ninterrupted: finished samples are saved in {out}/generations*.jsonl; "
+                f"re-run with the same overrides and hydra.run.dir={out} to continue (with any number of processes)",
+                file=sys.stderr,
+            )
         raise
     finally:
         parts.tracker.finish(failed=failed)
@@ -358,22 +423,26 @@ def _check_with_progress(
     ]
 
 
-def _generate_with_progress(engine, problems, prompt_ids, targets, benchmark, style, out: Path, previous):
-    """Generate (or teacher-force) every sample not already in ``previous``, appending each to the log."""
+def _generate_with_progress(
+    engine, problems, prompt_ids, targets, benchmark, style, out: Path, previous, ranks, stats_path: Path
+):
+    """Generate (or teacher-force) this rank's share of the samples not in ``previous``, appending each
+    to the rank's log. Returns every wanted (task_id, sample index), in order, and how many were resumed."""
     from tqdm.auto import tqdm
 
     n = engine.settings.n_samples
     wanted = [(p, s) for p in range(len(problems)) for s in range(n)]
-    done = {
-        (problems[p].task_id, s): previous[(problems[p].task_id, s)]
-        for p, s in wanted
-        if (problems[p].task_id, s) in previous
-    }
-    todo = [(p, s) for p, s in wanted if (problems[p].task_id, s) not in done]
+    todo = [(p, s) for p, s in wanted if (problems[p].task_id, s) not in previous]
+    mine = todo[ranks.rank :: ranks.world_size]  # round-robin: long and short prompts spread evenly
     desc = "teacher forcing" if targets is not None else "generating"
+    if ranks.parallel:
+        desc += f" (rank {ranks.rank} of {ranks.world_size})"
+    resumed = len(wanted) - len(todo)
+    shown = 0 if ranks.parallel else resumed  # one process: the bar counts every sample
     with (
-        (out / "generations.jsonl").open("a") as sink,
-        tqdm(total=len(wanted), initial=len(done), desc=desc, unit="sample", mininterval=1.0) as bar,
+        generation_log(out, ranks).open("a") as sink,
+        tqdm(total=len(mine) + shown, initial=shown, desc=desc, unit="sample", mininterval=1.0, disable=not ranks.main)
+        as bar,
     ):
 
         def on_result(result):
@@ -385,13 +454,12 @@ def _generate_with_progress(engine, problems, prompt_ids, targets, benchmark, st
             }
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-            write_json(out / "engine_stats.json", asdict(engine.stats))
-            done[(problem.task_id, result.sample_index)] = record
+            write_json(stats_path, asdict(engine.stats))
             stats = engine.stats
             bar.set_postfix(tok_s=f"{stats.decode_tokens / stats.decode_s:.1f}" if stats.decode_s else "-")
             bar.update(1)
 
-        if todo:
-            engine.generate(prompt_ids, on_result=on_result, rows=todo, targets=targets)
-            write_json(out / "engine_stats.json", asdict(engine.stats))  # with the last step's time
-    return [done[(problems[p].task_id, s)] for p, s in wanted], len(wanted) - len(todo)
+        if mine:
+            engine.generate(prompt_ids, on_result=on_result, rows=mine, targets=targets)
+            write_json(stats_path, asdict(engine.stats))  # with the last step's time
+    return [(problems[p].task_id, s) for p, s in wanted], resumed

@@ -5,12 +5,16 @@ from __future__ import annotations
 from statistics import mean
 
 
-def kv_and_speed_metrics(records: list[dict], stats, hidden: frozenset[int] = frozenset()) -> dict:
+def kv_and_speed_metrics(records: list[dict], lanes, hidden: frozenset[int] = frozenset()) -> dict:
     """The KV and speed keys every evaluation reports (see DESIGN.md, 'Measuring'). Token counts
     leave out ``hidden`` (tokens the method inserted, e.g. span sentinels).
 
     Reductions compare bytes actually held with the dense-equivalent bytes of the same samples:
     ``1 - sum(held) / sum(dense)``, at the end of generation and at each sample's peak.
+
+    ``lanes``: the engine's ``RunStats`` of each process that generated (one, or one per rank of a
+    data-parallel run): throughputs add up over processes, wall time is the slowest one's, memory
+    figures the largest.
     """
     kv = [r["kv"] for r in records]
     held_final = sum(k["bytes_final"] for k in kv)
@@ -26,18 +30,21 @@ def kv_and_speed_metrics(records: list[dict], stats, hidden: frozenset[int] = fr
         "kv/dense_bytes_final_mean": mean(k["dense_bytes_final"] for k in kv),
         "kv/reduction_final": 1 - held_final / dense_final,
         "kv/reduction_peak": 1 - held_peak / dense_peak,
-        "kv/tensor_bytes_peak": stats.kv_tensor_bytes_peak,
+        "kv/tensor_bytes_peak": max((s.kv_tensor_bytes_peak for s in lanes), default=0),
         "gen/prompt_tokens_mean": mean(sum(t not in hidden for t in r["prompt_token_ids"]) for r in records),
         "gen/new_tokens_mean": mean(sum(t not in hidden for t in r["token_ids"]) for r in records),
     }
-    if stats.prefill_s:  # absent when every sample came from an earlier invocation without timings
-        metrics["speed/prefill_s_mean"] = mean(stats.prefill_s)
-        metrics["speed/prefill_tokens_per_s"] = stats.prefill_tokens / sum(stats.prefill_s)
-        metrics["speed/decode_tokens_per_s"] = stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0
-        metrics["speed/wall_s"] = stats.wall_s
-    if stats.cuda_prefill_max_allocated is not None:
-        metrics["cuda/prefill_max_allocated_bytes"] = stats.cuda_prefill_max_allocated
-        metrics["cuda/decode_max_allocated_bytes"] = stats.cuda_decode_max_allocated
+    timed = [s for s in lanes if s.prefill_s]  # none when every sample came from an earlier invocation without timings
+    if timed:
+        metrics["speed/prefill_s_mean"] = mean(t for s in timed for t in s.prefill_s)
+        metrics["speed/prefill_tokens_per_s"] = sum(s.prefill_tokens / sum(s.prefill_s) for s in timed)
+        metrics["speed/decode_tokens_per_s"] = sum(s.decode_tokens / s.decode_s for s in timed if s.decode_s)
+        metrics["speed/wall_s"] = max(s.wall_s for s in timed)
+        metrics["speed/processes"] = len(timed)
+    cuda = [s for s in lanes if s.cuda_prefill_max_allocated is not None]
+    if cuda:
+        metrics["cuda/prefill_max_allocated_bytes"] = max(s.cuda_prefill_max_allocated for s in cuda)
+        metrics["cuda/decode_max_allocated_bytes"] = max(s.cuda_decode_max_allocated for s in cuda)
     return metrics
 
 

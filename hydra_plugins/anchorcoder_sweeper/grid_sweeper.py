@@ -31,6 +31,7 @@ from hydra.core.utils import JobStatus
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
+from anchorcoder.distributed import launched_ranks
 from anchorcoder.registry import ConfigError
 from anchorcoder.sweep import finish_sweep
 
@@ -142,6 +143,11 @@ class GridSweeper(BasicSweeper):
 
     # ------------------------------------------------------------------------------------ the run
     def sweep(self, arguments: list[str]):
+        if launched_ranks().parallel:
+            raise SweepError(
+                "error: a sweep runs under one process; start it with python, not torchrun / accelerate launch "
+                "(to spread its jobs over GPUs or nodes: hydra/launcher=local or hydra/launcher=slurm)"
+            )
         jobs = self.jobs(arguments)
         self.validate_jobs(jobs)
         if self.dry_run:
