@@ -173,12 +173,17 @@ def test_local_pretrained_folder_loads_like_a_hub_model(tmp_path, tiny):
         compose_config(overrides=[*TINY_RUN, "model=qwen2.5-coder-1.5b", f"model.path={folder}"]), tmp_path / "local"
     )
     random = run_eval(compose_config(overrides=TINY_RUN), tmp_path / "random")
+    # model.device_map=auto: placed by accelerate (here every layer on the CPU, the only device)
+    overrides = [*TINY_RUN, "model=qwen2.5-coder-1.5b", f"model.path={folder}", "model.device_map=auto"]
+    placed = run_eval(compose_config(overrides=overrides), tmp_path / "placed")
     texts = [
         [json.loads(x)["token_ids"] for x in (tmp_path / d / "generations.jsonl").read_text().splitlines()]
-        for d in ("local", "random")
+        for d in ("local", "random", "placed")
     ]
-    assert texts[0] == texts[1]  # same weights, same tokens
-    assert local["kv/bytes_final_mean"] == random["kv/bytes_final_mean"]
+    assert texts[0] == texts[1] == texts[2]  # same weights, same tokens
+    assert local["kv/bytes_final_mean"] == random["kv/bytes_final_mean"] == placed["kv/bytes_final_mean"]
+    # one device: transformers records no placement (on several GPUs: modules per device)
+    assert json.loads((tmp_path / "placed" / "run_info.json").read_text())["model"]["device_map"] is None
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):

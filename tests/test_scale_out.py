@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 
 from anchorcoder.generation.engine import RunStats
+from anchorcoder.models import check_model_config
+from anchorcoder.registry import ConfigError
 from anchorcoder.reporting import kv_and_speed_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,16 +90,25 @@ def test_interrupted_two_process_run_resumes(two_processes, one_process, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run/resumed_samples"] == 3  # records 3 and 4 were generated again, the rest not
     resumed = samples(out)
-    assert {k: r["token_ids"] for k, r in resumed.items()} == {k: r["token_ids"] for k, r in samples(one_process).items()}
+    assert {k: r["token_ids"] for k, r in resumed.items()} == {
+        k: r["token_ids"] for k, r in samples(one_process).items()
+    }
     assert verdicts(out) == verdicts(one_process)
     assert not list(out.glob("generations.rank*"))
 
 
 def test_lanes_combine_throughput_and_slowest_wall():
     lane = lambda tokens, decode_s, wall: RunStats(  # noqa: E731
-        prefill_s=[0.5], prefill_tokens=100, decode_s=decode_s, decode_tokens=tokens, wall_s=wall, kv_tensor_bytes_peak=tokens
+        prefill_s=[0.5],
+        prefill_tokens=100,
+        decode_s=decode_s,
+        decode_tokens=tokens,
+        wall_s=wall,
+        kv_tensor_bytes_peak=tokens,
     )
-    record = {"kv": dict.fromkeys(("entries_final", "bytes_final", "bytes_peak", "dense_bytes_final", "dense_bytes_peak"), 1)}
+    record = {
+        "kv": dict.fromkeys(("entries_final", "bytes_final", "bytes_peak", "dense_bytes_final", "dense_bytes_peak"), 1)
+    }
     record |= {"prompt_token_ids": [1], "token_ids": [2]}
     metrics = kv_and_speed_metrics([record], [lane(100, 2.0, 3.0), lane(300, 2.0, 4.0)])
     assert metrics["speed/decode_tokens_per_s"] == 50 + 150
@@ -129,3 +141,45 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert [m["speed/processes"] for m in metrics] == [1, 2]  # one sample: rank 1 had nothing to do
     assert list((sweep / ".submitit").iterdir())  # the jobs ran through submitit (their logs are here)
     assert (sweep / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=codellama-7b", "model.device_map=everywhere"], "model.device_map must be null or one of auto"),
+        (["model=tiny-llama", "model.device_map=auto"], "model.source=random loads on one device"),
+    ],
+)
+def test_bad_device_map_is_refused_before_loading(overrides, expected):
+
+    with pytest.raises(ConfigError, match=expected):
+        check_model_config(compose_config(overrides=overrides)["model"])
+
+
+@pytest.mark.gpu
+def test_device_map_over_two_gpus_gives_the_one_gpu_tokens(tmp_path, tiny):
+    """A model spread over two GPUs (each layer's cache on its layer's GPU) generates what it does on one;
+    a method reading another layer's cache is refused."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from anchorcoder.evaluation import run_eval
+
+    folder = tmp_path / "tiny-saved"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    base = ["logger=none", "benchmark.limit=3", "generation.max_new_tokens=16", "model=qwen2.5-coder-1.5b"]
+    base += [f"model.path={folder}", "model.dtype=float32", "model.prompt_style=completion"]
+    for method in ("dense", "l2norm", "streamingllm", "anllm"):
+        runs = {}
+        for name, extra in (("one", ["device=cuda:0"]), ("two", ["model.device_map=balanced"])):
+            run_eval(compose_config(overrides=[*base, f"method={method}", *extra]), tmp_path / method / name)
+            runs[name] = samples(tmp_path / method / name)
+        placed = json.loads((tmp_path / method / "two" / "run_info.json").read_text())["model"]["device_map"]
+        assert placed and len(placed) == 2, placed
+        assert {k: r["token_ids"] for k, r in runs["two"].items()} == {
+            k: r["token_ids"] for k, r in runs["one"].items()
+        }
+    with pytest.raises(ConfigError, match="another layer's cache"):
+        run_eval(compose_config(overrides=[*base, "method=anchorcoder", "model.device_map=balanced"]), tmp_path / "ac")

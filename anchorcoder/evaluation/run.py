@@ -264,6 +264,11 @@ def _run_eval(cfg: DictConfig | dict, out: Path, loaded, ranks: distributed.Rank
         discard_unfinished_run_dir(own_dir)
     try:
         parts = validate(container)
+        if ranks.parallel and container["model"].get("device_map"):
+            raise ConfigError(
+                "model.device_map spreads one model over the GPUs, while a data-parallel run (torchrun) gives each "
+                "process its own replica: use one or the other"
+            )
         check_resumable(out, container)
         parts.benchmark.preload()  # a bad data file is refused before the model loads
         if loaded is None:
@@ -441,8 +446,9 @@ def _generate_with_progress(
     shown = 0 if ranks.parallel else resumed  # one process: the bar counts every sample
     with (
         generation_log(out, ranks).open("a") as sink,
-        tqdm(total=len(mine) + shown, initial=shown, desc=desc, unit="sample", mininterval=1.0, disable=not ranks.main)
-        as bar,
+        tqdm(
+            total=len(mine) + shown, initial=shown, desc=desc, unit="sample", mininterval=1.0, disable=not ranks.main
+        ) as bar,
     ):
 
         def on_result(result):

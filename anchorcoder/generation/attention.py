@@ -121,7 +121,7 @@ def key_blocked_attention(query, key, value, mask, scaling, block: int = KEY_BLO
     for start in range(0, length, block):
         k = key[:, :, None, start : start + block].to(dtype)
         v = value[:, :, None, start : start + block].to(dtype)
-        visible = mask.build(start, min(start + block, length))
+        visible = mask.build(start, min(start + block, length)).to(query.device)
         # [B, H_kv, groups, Q, keys] when per query head, else [B, 1|H_kv, 1, Q, keys]
         layout = (kv_heads, groups) if visible.shape[1] == heads else (visible.shape[1], 1)
         hidden = visible.reshape(visible.shape[0], *layout, q_len, -1).logical_not()
@@ -218,6 +218,8 @@ def _attend(module, query, key, value, attention_mask, dropout, kv_cache, kv_met
         mask = kv_cache.base_mask(layer)
         if extra is not None:
             mask = kv_cache.step_memo(("visible", mask, extra), lambda: mask & extra)
+    if isinstance(mask, torch.Tensor):  # masks follow the cache's positions: the engine's device
+        mask = mask.to(query.device)  # (a no-op unless the layer sits elsewhere: model.device_map)
     if kv_method is not None and kv_method.reshapes_attention:
         query, key, value, mask = kv_method.adapt_attention(module, query, key, value, mask, kv_cache)
     if kernel is sdpa_attention_forward and q_len == 1 and query.shape[1] > key.shape[1]:

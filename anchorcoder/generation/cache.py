@@ -62,6 +62,7 @@ def take_entries(x: torch.Tensor, index: torch.Tensor, room: int = 0) -> torch.T
     faster than ``gather``, whose expanded index is read element by element). ``room``: the result has
     that many more entries (unset) after them, free slots for appending in place."""
     batch, heads, _, dim = x.shape
+    index = index.to(x.device)  # a layer on another device than the engine's (model.device_map)
     if index.dim() == 2:
         index = index[:, None, :].expand(-1, heads, -1)
     if room:  # extra rows to select (any valid one); they become the free slots
@@ -167,6 +168,7 @@ class KVCache:
     def keep(self, layer_idx: int, index: torch.Tensor) -> None:
         """Keep only the entries at ``index`` (``[B, S']`` for all heads, or ``[B, H_kv, S']``)."""
         pos = self.positions[layer_idx]
+        index = index.to(pos.device)
         if index.dim() == 2:
             new_pos = (
                 torch.gather(pos, -1, index)
@@ -212,7 +214,7 @@ class KVCache:
             if t is None:
                 return None
             if id(t) not in remap:
-                remap[id(t)] = t.index_select(0, rows)
+                remap[id(t)] = t.index_select(0, rows.to(t.device))
             return remap[id(t)]
 
         self._shared_after = self._shared_store = pick(self._shared_after)

@@ -209,7 +209,14 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.method = method
         self.settings = settings
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device  # the embeddings'; with device_map, layers may sit elsewhere
+        spread = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+        if len(spread) > 1 and method.reads_other_layers:
+            raise ConfigError(
+                f"method={method.name} as configured attends to another layer's cache, and model.device_map "
+                f"spread the layers over {', '.join(sorted(spread))}: load the model on one device "
+                "(model.device_map=null)" + (", or set method.laa=false" if hasattr(method, "laa") else "")
+            )
         check_batching(method, settings)
         self.num_layers, self.num_kv_heads, self.head_dim = model_kv_shape(model)
         eos = model.generation_config.eos_token_id
@@ -293,7 +300,7 @@ class GenerationEngine:
         self.method.after_step(cache, StepInfo(input_ids, positions, phase, prompt_done))
         if cache.prunes != prunes:
             self._observe(cache)
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float().to(self.device)  # the head may sit on another device (device_map)
 
     def _observe(self, cache: KVCache):
         cache.observe()

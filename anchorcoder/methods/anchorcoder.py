@@ -126,6 +126,10 @@ class AnchorCoder(AnchorMethod):
     def reshapes_attention(self) -> bool:
         return self.laa or self.mhpe
 
+    @property
+    def reads_other_layers(self) -> bool:
+        return self.laa
+
     def source_layer(self, layer: int) -> int | None:
         """The layer whose anchors layer ``layer`` also attends to (LAA), or None."""
         if not self.laa:

@@ -100,6 +100,12 @@ class KVMethod:
         """Whether :meth:`adapt_attention` changes anything (lets plain forwards skip it)."""
         return False
 
+    @property
+    def reads_other_layers(self) -> bool:
+        """Whether one layer's attention reads another layer's cache (AnchorCoder's LAA): refused on a
+        model spread over several devices (``model.device_map``)."""
+        return False
+
     def adapt_attention(self, module, query, key, value, mask, source):
         """Change what one layer's attention computes, after its mask is built: returns
         ``(query, key, value, mask)``. ``source`` is the :class:`KVCache` in the engine, or the

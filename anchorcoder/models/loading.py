@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_STYLES = ("completion", "chat")
+# accelerate's placements of a model too big for one device: layer by layer over every GPU (then CPU)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -73,6 +75,16 @@ def check_model_config(cfg: dict) -> None:
             f"model.attn_implementation must be one of {', '.join(KERNELS)}; got '{cfg.get('attn_implementation')}'"
         )
     source.check(cfg)
+    if cfg.get("device_map") is not None:
+        if cfg.get("device_map") not in DEVICE_MAPS:
+            raise ConfigError(
+                f"model.device_map must be null or one of {', '.join(DEVICE_MAPS)}; got '{cfg['device_map']}'"
+            )
+        if cfg.get("source") != "pretrained":
+            raise ConfigError(
+                f"model.device_map={cfg['device_map']} spreads a pretrained model (model.source=pretrained) over "
+                f"devices; model.source={cfg.get('source')} loads on one device: set model.device_map=null"
+            )
     if cfg.get("adapter"):
         adapter_folder(cfg["adapter"])
 
@@ -99,7 +111,7 @@ def adapter_folder(path: str) -> Path:
     return checkpoints[-1]
 
 
-def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype):
+def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype, device_map: str | None = None):
     """The trained model of ``model.adapter``: a LoRA adapter merged into ``model``, or full weights
     that replace it. The run's tokenizer comes along (tokens a method added, e.g. ``<AC>``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,7 +122,9 @@ def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype):
     from anchorcoder.methods.anchorcoder import attach_laa_gates, saved_gate_layers
 
     if not (folder / "adapter_config.json").exists():  # full fine-tuning: the folder is a model
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, **({"device_map": device_map} if device_map else {})
+        )
         restore_laa_gates(model, folder)
         return model, tokenizer, f"{folder} (full weights)"
     from peft import PeftModel
@@ -289,7 +303,8 @@ class Pretrained:
         path = str(Path(cfg["path"]).expanduser()) if _is_local_path(str(cfg["path"])) else cfg["path"]
         revision = cfg.get("revision")
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+        placed = {"device_map": cfg["device_map"]} if cfg.get("device_map") else {}
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **placed)
         if Path(path).is_dir():  # a merged gated-LAA model (trainer.save_merged) keeps its gates
             restore_laa_gates(model, Path(path))
         commit = getattr(model.config, "_commit_hash", None)
@@ -336,6 +351,17 @@ def load_tokenizer(cfg: dict):
     return tokenizer
 
 
+def _device_summary(model) -> dict | None:
+    """Modules per device of a model placed by ``device_map`` (None when it sits on one device)."""
+    placement = getattr(model, "hf_device_map", None)
+    if not placement:
+        return None
+    counts: dict[str, int] = {}
+    for device in placement.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return counts
+
+
 def load_model(cfg: dict, device: str = "auto") -> LoadedModel:
     from anchorcoder.generation.attention import set_kernel
     from anchorcoder.generation.engine import model_kv_shape
@@ -347,8 +373,12 @@ def load_model(cfg: dict, device: str = "auto") -> LoadedModel:
     model, tokenizer, revision = MODEL_SOURCES.get(cfg["source"]).load(cfg, dev, dtype)
     adapter = None
     if cfg.get("adapter"):
-        model, tokenizer, adapter = apply_adapter(model, tokenizer, cfg["adapter"], dtype)
-    model.to(dev).eval()
+        model, tokenizer, adapter = apply_adapter(model, tokenizer, cfg["adapter"], dtype, cfg.get("device_map"))
+    if cfg.get("device_map"):  # accelerate placed every layer (and will move activations between them)
+        model.eval()
+        dev = next(model.parameters()).device
+    else:
+        model.to(dev).eval()
     set_kernel(model, cfg.get("attn_implementation", "sdpa"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -360,6 +390,7 @@ def load_model(cfg: dict, device: str = "auto") -> LoadedModel:
         "adapter": adapter,
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(dev),
+        "device_map": _device_summary(model),
         "attn_implementation": cfg.get("attn_implementation", "sdpa"),
         "prompt_style": cfg["prompt_style"],
         "num_layers": layers,
