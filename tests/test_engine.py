@@ -66,6 +66,9 @@ def test_sampling_is_seeded_and_gives_n_samples(tiny, humaneval_prompts):
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
     assert [r.token_ids for r in first] != [r.token_ids for r in other]
     assert len({tuple(r.token_ids) for r in first}) > 2  # samples of one prompt differ
+    # each sample has its own stream: alone, in another batch or another process, it draws the same
+    alone = engine_for(tiny, **{**settings, "batch_size": 1}, seed=1).generate(prompts, rows=[(1, 2), (0, 1)])
+    assert [r.token_ids for r in alone] == [first[5].token_ids, first[1].token_ids]
 
 
 def test_tiny_top_p_is_greedy(tiny, humaneval_prompts):

@@ -12,6 +12,7 @@ before pruning, and after pruning) so that peaks are real.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import time
 from collections import deque
@@ -126,8 +127,16 @@ def check_batching(method: KVMethod, settings: GenerationSettings) -> None:
         )
 
 
-def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None):
-    """Greedy argmax, or temperature + top-p sampling; ``logits`` is ``[B, V]`` float32."""
+def sample_generator(seed: int, prompt: int, sample: int, device) -> torch.Generator:
+    """The random stream of one (prompt, sample): its draws do not depend on the batch it decodes in,
+    the process it runs in (data-parallel eval) or the invocation (a resumed run)."""
+    key = hashlib.blake2b(f"{seed}/{prompt}/{sample}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def sample_next(logits: torch.Tensor, settings: GenerationSettings, generators: list[torch.Generator] | None):
+    """Greedy argmax, or temperature + top-p sampling with each row's own generator; ``logits`` is
+    ``[B, V]`` float32."""
     if not settings.do_sample:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -136,7 +145,7 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings, generator: t
         outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p  # keeps at least the top token
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators, strict=True)])
 
 
 @functools.cache
@@ -226,9 +235,6 @@ class GenerationEngine:
         self.eos_ids = set(eos) if settings.stop_at_eos else set()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
         self.stats = RunStats()
-        self._generator = None
-        if settings.do_sample:
-            self._generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         self._stop_window = max((len(s) for s in settings.stop), default=0) + 8  # tokens
 
     # ------------------------------------------------------------------ public
@@ -374,6 +380,9 @@ class GenerationEngine:
         batch = running + len(admitted)
         skips = self.method.skip_position_ids
         rows = [_Row(p, s, sum(t not in skips for t in prompts[p]), prefill_s, batch) for p, s in admitted]
+        if self.settings.do_sample:
+            for row in rows:
+                row.generator = sample_generator(self.settings.seed, row.prompt, row.sample, self.device)
         return cache, logits, rows
 
     def _decode_rows(self, rows: list[tuple[int, int]], prompts, targets, finished: Callable[[SampleResult], None]):
@@ -421,7 +430,8 @@ class GenerationEngine:
         """Choose every active row's next token; report the rows that finished; the slots that go on."""
         # rows still feeding tokens the method inserted choose nothing: their logits are the inserted token's
         if targets is None:
-            next_tokens = sample_next(logits, self.settings, self._generator).tolist()
+            generators = [row.generator for row in active] if self.settings.do_sample else None
+            next_tokens = sample_next(logits, self.settings, generators).tolist()
         else:
             next_tokens = [targets[row.prompt][row.steps] for row in active]
             chosen = torch.tensor(next_tokens, device=self.device)[:, None]
@@ -502,3 +512,4 @@ class _Row:
     feed: list[int] = field(default_factory=list)  # to feed, one per step: inserted tokens, then the chosen one
     steps: int = 0  # tokens chosen
     nll: float = 0.0  # teacher-forced
+    generator: torch.Generator | None = None  # its own random stream when sampling

@@ -398,6 +398,7 @@ def _wrap_lora(model, cfg: dict, method: KVMethod):
 def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     from transformers.trainer_utils import IntervalStrategy
 
+    from anchorcoder.distributed import launched_ranks
     from anchorcoder.evaluation.run import discard_unfinished_run_dir, run_info
     from anchorcoder.models.loading import resolve_device
 
@@ -410,6 +411,7 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     except ConfigError:
         discard_unfinished_run_dir(output_dir)
         raise
+    launched_ranks()  # a submitit job of several tasks (hydra/launcher=slurm): its ranks, as torchrun gives them
     device = resolve_device(container.get("device", "auto"))
     deepspeed = container["deepspeed"]["name"] != "none"
     _single_process_env(deepspeed, device)
