@@ -9,7 +9,7 @@ LIMIT  ?= 10
 TORCH_PIP_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-kvpress bench-eviction bench-training recovery test test-slow demo bench sweep report lint format clean
+.PHONY: help install install-kvpress bench-eviction bench-training recovery test test-slow demo bench gpu-check sweep report lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ demo: install ## the main job on the embedded SmolLM2: HumanEval (first LIMIT pr
 
 bench: install ## our engine vs model.generate on SmolLM2 (greedy, batch 1 and 8)
 	$(BIN)/python scripts/bench_engine.py
+
+gpu-check: install ## check the CUDA code paths with numbers: engine, every method, training (flex, SDPA), ZeRO-2
+	$(BIN)/python scripts/gpu_check.py
 
 bench-eviction: install ## decode benchmark of the eviction methods on SmolLM2 (KnormPress too after `make install-kvpress`)
 	if [ -x $(VENV)-kvpress/bin/python ]; then $(VENV)-kvpress/bin/python scripts/bench_eviction.py; \

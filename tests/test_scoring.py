@@ -61,11 +61,13 @@ def test_known_wrong_completions_fail_with_their_reason():
     assert "exit" in reasons[5]
 
 
+@pytest.mark.slow  # the whole data set in the sandbox (about 30 s); make test-slow
 def test_mbpp_reference_solutions_pass():
     failed, _, count = reference_failures("mbpp", "code")
     assert failed == EXPECTED_MBPP_FAILURES and count == 500
 
 
+@pytest.mark.slow  # the whole data set in the sandbox (about 30 s); make test-slow
 def test_humaneval_plus_canonical_solutions_pass():
     failed, _, count = reference_failures("humaneval_plus", "canonical_solution")
     assert failed == {} and count == 164
