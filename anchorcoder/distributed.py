@@ -1,12 +1,14 @@
 """Data-parallel evaluation: one process per device, each generating its share of the samples.
 
-``torchrun --nproc_per_node N eval.py ...`` and ``accelerate launch --multi_gpu --num_processes N eval.py ...``
-start N copies of the run; both set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, which is all this
-module reads. A submitit job of several tasks (``hydra/launcher=slurm`` or ``local`` with
-``tasks_per_node=N``) gets the same variables from submitit's own description of the job. The processes talk over a gloo process group (CPU, also on GPU machines: they exchange
-only a folder name, a few barriers and the metrics), so the same code runs with CPU processes
-(``torchrun``; accelerate's own CPU launch starts one process).
-Rank K loads its own model replica on ``cuda:K`` (``device=auto`` on a GPU machine) or the CPU.
+``torchrun --nproc_per_node N eval.py ...`` and ``accelerate launch --multi_gpu --num_processes N
+eval.py ...`` start N copies of the run; both set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, which
+is all this module reads. A submitit job of several tasks (``hydra/launcher=slurm`` or ``local`` with
+``tasks_per_node=N``) gets the same variables from submitit's description of the job.
+
+The processes talk over a gloo process group, also on GPU machines: they exchange only a folder name,
+a few barriers and the metrics. So the same code runs as CPU processes under ``torchrun``
+(accelerate's own CPU launch starts a single process). Rank K loads its own model replica on
+``cuda:<local rank>`` (``device=auto`` on a GPU machine) or on the CPU.
 """
 
 from __future__ import annotations
