@@ -17,11 +17,11 @@ CUDA device (and no ``--dry-run``).
 3. ``training``   anllm and anchorcoder, LoRA (7B shape) and full weights (SmolLM2 shape):
                   - ``trainer``: ``run_train``, the real HF Trainer loop (SDPA), a few steps (it builds
                     the model on the CPU first: the 7B needs ~14 GB of host memory there);
+                  - ``trainer flex``: the same with ``trainer.attention=flex`` (full weights, SmolLM2 shape);
                   - ``step sdpa`` / ``step flex``: the same batch through ``masked_forward`` + backward +
-                    AdamW, with the model on SDPA and on FlexAttention (the method's BlockMask). The
-                    trainer cannot run FlexAttention (model.attn_implementation takes sdpa | eager, and
-                    its training_step routes attention through our wrapper), hence this harness.
-                    anchorcoder runs these with method.laa=false: LAA reshapes attention, which a
+                    AdamW, with the model on SDPA and on FlexAttention (the method's BlockMask), the
+                    model built on the GPU directly (so the 7B LoRA needs no host copy).
+                    anchorcoder runs the flex rows with method.laa=false: LAA reshapes attention, which a
                     BlockMask cannot express.
                   tokens/s and peak memory (CUDA max allocated; on CPU the growth of the resident set).
 4. ``deepspeed``  ``run_train`` with deepspeed=zero2, SmolLM2 shape, full weights, in a child process
@@ -324,6 +324,13 @@ def check_training(check: Check) -> list[Row]:
             case = f"{method} {mode} {shape}: trainer"
             overrides = train_overrides(check, shape, method, mode, s.trainer_steps)
             rows += run_case(check, "training", case, partial(trainer_case, check, overrides, case))
+            if mode == "full":  # the trainer on FlexAttention (trainer.attention=flex): the small shape only
+                case = f"{method} {mode} {shape}: trainer flex"
+                if check.device == "cpu":
+                    rows.append(Row("training", case, "skipped", note="FlexAttention has no backward on CPU"))
+                else:
+                    flex = [*overrides, "trainer.attention=flex", *STEP_METHOD_OVERRIDES.get(method, [])]
+                    rows += run_case(check, "training", case, partial(trainer_case, check, flex, case))
             step_overrides = [*train_overrides(check, shape, method, mode, 1), *STEP_METHOD_OVERRIDES.get(method, [])]
             for attn in ("sdpa", "flex_attention"):
                 case = f"{method} {mode} {shape}: step {attn.removesuffix('_attention')}"

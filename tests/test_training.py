@@ -179,6 +179,8 @@ def test_every_recovery_grid_row_is_a_valid_train_and_eval_config():
         (["method=l2norm"], r"method=l2norm has no training face"),
         (["trainer.max_steps=0"], r"trainer.max_steps must be a positive integer"),
         (["trainer.precision=fp8"], r"trainer.precision must be one of auto, fp32, bf16"),
+        (["trainer.attention=xformers"], r"trainer.attention must be one of sdpa, flex"),
+        (["trainer.attention=flex", "device=cpu"], r"trainer.attention=flex needs a CUDA device"),
         (["data.source=s3"], r"data.source must be one of python_stdlib, hub"),
         (["data.stdlib_dir=/nonexistent"], r"data.stdlib_dir '/nonexistent' is not a folder"),
         (["data.min_chars=100000000"], r"no Python file passed the filters"),

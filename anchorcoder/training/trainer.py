@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("lora", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION = ("sdpa", "flex")  # trainer.attention
 DEEPSPEED = ("none", "zero2", "zero3")
 OBJECTIVES = ("ce", "distill", "mix")
 FINAL = "final"
@@ -85,6 +86,18 @@ def validate(cfg: dict) -> tuple[KVMethod, Tracker]:
     for key in ("max_steps", "batch_size", "grad_accumulation", "logging_steps", "save_steps"):
         if not isinstance(t.get(key), int) or t[key] < 1:
             raise ConfigError(f"trainer.{key} must be a positive integer; got {t.get(key)!r}")
+    if t.get("attention", "sdpa") not in ATTENTION:
+        raise ConfigError(f"trainer.attention must be one of {', '.join(ATTENTION)}; got '{t.get('attention')}'")
+    if t.get("attention") == "flex":
+        from anchorcoder.models.loading import resolve_device
+
+        if resolve_device(cfg.get("device", "auto")).type != "cuda":
+            raise ConfigError(
+                "trainer.attention=flex needs a CUDA device (FlexAttention has no backward pass on CPU); "
+                "use trainer.attention=sdpa"
+            )
+        if method.reshapes_attention:
+            log.warning("method=%s reshapes attention (e.g. LAA): its training forward stays on sdpa", method.name)
     if t.get("objective", "ce") not in OBJECTIVES:
         raise ConfigError(f"trainer.objective must be one of {', '.join(OBJECTIVES)}; got '{t.get('objective')}'")
     if not 0 <= float(t.get("distill_alpha", 0.5)) <= 1:
@@ -172,10 +185,15 @@ def _trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # keep the model routed through our attention for backward too: with gradient checkpointing
-            # the recomputed layers must see the method's attention again (AnchorCoder's LAA, MHPE)
+            # the recomputed layers must see the method's attention again (AnchorCoder's LAA, MHPE).
+            # A FlexAttention model under an anchor method's BlockMask keeps its own attention.
             from anchorcoder.generation.attention import causal_masks, engine_attention
 
-            with engine_attention(self.accelerator.unwrap_model(model)), causal_masks():
+            unwrapped = self.accelerator.unwrap_model(model)
+            if unwrapped.config._attn_implementation == "flex_attention" and isinstance(self.method, AnchorMethod):
+                if not self.method.reshapes_attention:
+                    return super().training_step(model, inputs, num_items_in_batch)
+            with engine_attention(unwrapped), causal_masks():
                 return super().training_step(model, inputs, num_items_in_batch)
 
         def log(self, logs, *args, **kwargs):
@@ -453,6 +471,8 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
 
     model.train()
     model.config.use_cache = False
+    if container["trainer"].get("attention") == "flex":  # masked_forward then hands the method's BlockMask to it
+        model.set_attn_implementation("flex_attention")
     t = container["trainer"]
     objective = Objective(
         t.get("objective", "ce"), float(t.get("distill_alpha", 0.5)), float(t.get("distill_temperature", 1.0))
