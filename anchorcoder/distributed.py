@@ -46,15 +46,21 @@ class Ranks:
         return device
 
 
-def launched_ranks() -> Ranks:
-    """This process's place among the processes torchrun / accelerate launch / submitit started (1 of 1 otherwise)."""
-    env = os.environ
-    if "RANK" not in env and env.get("SUBMITIT_EXECUTOR"):
+def adopt_submitit_tasks() -> None:
+    """In a submitit job of several tasks, set the variables torchrun would have set (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from submitit's description of the job."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
         from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
-        if JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+        if JobEnvironment().num_tasks > 1:
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def launched_ranks() -> Ranks:
+    """This process's place among the processes torchrun / accelerate launch / submitit started (1 of 1 otherwise)."""
+    adopt_submitit_tasks()
+    env = os.environ
     return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 

@@ -190,7 +190,7 @@ def merge_generation_logs(out: Path) -> dict[tuple[str, int], dict]:
     """
     merged = out / "generations.jsonl"
     rank_logs = sorted(out.glob("generations.rank*.jsonl"))
-    records = {}
+    records, torn = {}, False
     for log_file in [merged, *rank_logs]:
         if not log_file.exists():
             continue
@@ -198,9 +198,10 @@ def merge_generation_logs(out: Path) -> dict[tuple[str, int], dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # torn by an interrupt
+                torn = True  # by an interrupt
+                continue
             records[(record["task_id"], record["sample_index"])] = record
-    if merged.exists() or rank_logs:
+    if rank_logs or torn:  # else generations.jsonl already holds exactly these
         tmp = out / "generations.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
         os.replace(tmp, merged)

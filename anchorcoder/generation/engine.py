@@ -224,7 +224,7 @@ class GenerationEngine:
             raise ConfigError(
                 f"method={method.name} as configured attends to another layer's cache, and model.device_map "
                 f"spread the layers over {', '.join(sorted(spread))}: load the model on one device "
-                "(model.device_map=null)" + (", or set method.laa=false" if hasattr(method, "laa") else "")
+                f"(model.device_map=null), or turn that option off (configs/method/{method.name}.yaml)"
             )
         check_batching(method, settings)
         self.num_layers, self.num_kv_heads, self.head_dim = model_kv_shape(model)

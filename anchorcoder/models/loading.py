@@ -122,9 +122,7 @@ def apply_adapter(model, tokenizer, path: str, dtype: torch.dtype, device_map: s
     from anchorcoder.methods.anchorcoder import attach_laa_gates, saved_gate_layers
 
     if not (folder / "adapter_config.json").exists():  # full fine-tuning: the folder is a model
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, **({"device_map": device_map} if device_map else {})
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
         restore_laa_gates(model, folder)
         return model, tokenizer, f"{folder} (full weights)"
     from peft import PeftModel
@@ -303,8 +301,9 @@ class Pretrained:
         path = str(Path(cfg["path"]).expanduser()) if _is_local_path(str(cfg["path"])) else cfg["path"]
         revision = cfg.get("revision")
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        placed = {"device_map": cfg["device_map"]} if cfg.get("device_map") else {}
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **placed)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=dtype, device_map=cfg.get("device_map")
+        )
         if Path(path).is_dir():  # a merged gated-LAA model (trainer.save_merged) keeps its gates
             restore_laa_gates(model, Path(path))
         commit = getattr(model.config, "_commit_hash", None)

@@ -190,9 +190,9 @@ def _trainer_class():
             from anchorcoder.generation.attention import causal_masks, engine_attention
 
             unwrapped = self.accelerator.unwrap_model(model)
-            if unwrapped.config._attn_implementation == "flex_attention" and isinstance(self.method, AnchorMethod):
-                if not self.method.reshapes_attention:
-                    return super().training_step(model, inputs, num_items_in_batch)
+            flex = unwrapped.config._attn_implementation == "flex_attention"
+            if flex and isinstance(self.method, AnchorMethod) and not self.method.reshapes_attention:
+                return super().training_step(model, inputs, num_items_in_batch)
             with engine_attention(unwrapped), causal_masks():
                 return super().training_step(model, inputs, num_items_in_batch)
 
@@ -416,7 +416,7 @@ def _wrap_lora(model, cfg: dict, method: KVMethod):
 def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     from transformers.trainer_utils import IntervalStrategy
 
-    from anchorcoder.distributed import launched_ranks
+    from anchorcoder.distributed import adopt_submitit_tasks
     from anchorcoder.evaluation.run import discard_unfinished_run_dir, run_info
     from anchorcoder.models.loading import resolve_device
 
@@ -429,7 +429,7 @@ def run_train(cfg: DictConfig | dict, output_dir: str | Path) -> dict:
     except ConfigError:
         discard_unfinished_run_dir(output_dir)
         raise
-    launched_ranks()  # a submitit job of several tasks (hydra/launcher=slurm): its ranks, as torchrun gives them
+    adopt_submitit_tasks()  # a multi-task SLURM job (hydra/launcher=slurm): its ranks, as torchrun gives them
     device = resolve_device(container.get("device", "auto"))
     deepspeed = container["deepspeed"]["name"] != "none"
     _single_process_env(deepspeed, device)
