@@ -192,6 +192,7 @@ def test_prompts_are_mbpp_train_and_stdlib_functions_never_test_problems(smollm2
     assert [n for n, _ in distill_prompts(data, smollm2.tokenizer)] == [n for n, _ in prompts]  # seeded
 
 
+@pytest.mark.slow  # about 30 s; keeps the default run well under 15 min (make test-slow)
 def test_corpus_is_built_once_resumed_and_guarded(smollm2, tmp_path, monkeypatch):
     from anchorcoder.generation import GenerationEngine
     from anchorcoder.training import data as data_module

@@ -195,6 +195,7 @@ def test_bad_input_fails_before_training(tmp_path, overrides, expected):
     assert not (tmp_path / "run" / "checkpoint-2").exists()
 
 
+@pytest.mark.slow  # about 25 s; keeps the default run well under 15 min (make test-slow)
 def test_hub_data_by_name_or_folder(tmp_path, monkeypatch):
     """data=hub loads any `datasets` name; here a local folder of JSON lines (the hub is offline)."""
     from anchorcoder.training.data import load_documents
